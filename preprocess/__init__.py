@@ -1,0 +1,1 @@
+"""satpipe preprocessing: datasets and annotations -> soft saliency maps -> WebDataset shards."""

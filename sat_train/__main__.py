@@ -1,0 +1,3 @@
+from sat_train.cli import main
+
+raise SystemExit(main())

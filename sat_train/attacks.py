@@ -71,7 +71,7 @@ def pgd(model, x, y, eps: float, alpha: float, steps: int, *, norm: str = "linf"
         restarts: int = 1, loss_fn: LossFn = ce_sum, generator: torch.Generator | None = None) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018) in L-inf or L2, with random restarts.
 
-    With restarts > 1 each sample keeps the first restart that fools the model (else the last)."""
+    With restarts > 1 each sample keeps the first restart that fools the model (else the first restart)."""
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', not {norm!r}")
     best = None

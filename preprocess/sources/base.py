@@ -1,0 +1,132 @@
+"""The Source interface: how a dataset enters `preprocess build-shards`.
+
+A source does three cheap things up front and one expensive thing per work item:
+
+1. `__init__(cfg)` checks the inputs exist and reads its index (annotation file, folder listing);
+   a user mistake raises `SourceError("<file>: <problem>")`, shown as one line, exit 2.
+2. `classes()` -> class names; class index = position (contiguous 0..C-1).
+3. `fingerprint()` -> JSON-able dict describing the inputs (e.g. annotation file sha256, image list
+   with sizes). A resumed or multi-node build refuses to mix outputs from different inputs.
+4. `items()` -> (work items, plan-time skips). A `WorkItem` holds ids and annotations but never
+   pixels; the list must be deterministic (sorted) and cheap to hold (the planner shuffles it with
+   the seed and packs items into shards by `expected` sample count). Plan-time skips are things
+   dropped while reading annotations (unknown ids, empty boxes...), each a `Skip`.
+5. `load(item)` -> iterator of `RawSample` and `Skip`: decodes the pixels of one item and yields
+   its samples (an object-unit COCO image yields one sample per object; a CIFAR record yields
+   one). Samples + skip counts should add up to `item.expected`. Raise nothing for bad data:
+   yield `Skip(item.id, reason, detail, count)` instead (`geometry.ImageError` carries a reason).
+
+The shared pipeline (`preprocess/pipeline.py`) then crops with `RawSample.window`, resizes, renders
+saliency (`--saliency mask|box|foreground|none`) and encodes. A source never resizes or blurs.
+
+A Source instance is pickled to every worker process: keep only light state on it (paths,
+options, id maps), not the item list and never pixels.
+
+Options of one source: declare a dataclass `Options` on the class; every field becomes a CLI flag
+`--<name-with-dashes>` (help text from `field(metadata={"help": ...})`) and is saved under
+`config.source_options`. Unknown keys are rejected.
+
+Registering a source: one module under `preprocess/sources/` + one line in `sources/__init__.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+
+class SourceError(Exception):
+    """Inputs that cannot be built at all; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """`count` planned samples of item `id` were dropped for `reason` (a short stable phrase,
+    used as the key in the manifest's skip counts); `detail` says which file / what exactly."""
+
+    id: str
+    reason: str
+    detail: str = ""
+    count: int = 1
+
+
+@dataclass
+class WorkItem:
+    """One unit of loading work: `id` unique and stable, `expected` samples it should yield,
+    `data` anything picklable and small the source needs to load it (file name, annotations)."""
+
+    id: str
+    expected: int
+    data: Any = None
+
+
+@dataclass
+class Shape:
+    """One object's saliency geometry, in source pixel coordinates (x right, y down).
+
+    `box` (x0, y0, x1, y1) is always set (clipped to the image). Finer geometry, when the source has
+    it, in one of: `polygons` (COCO style list of flat [x0, y0, x1, y1, ...] rings; even-odd holes),
+    `rle` (COCO RLE dict, compressed or not, over the full source image), or `mask` (array over the
+    full source image: uint8 {0, 1}, or float32 in [0, 1] where 0.5 means "unknown" -> saliency 0)."""
+
+    box: tuple[float, float, float, float]
+    polygons: list | None = None
+    rle: dict | None = None
+    mask: np.ndarray | None = None
+
+    @property
+    def has_mask(self) -> bool:
+        return self.polygons is not None or self.rle is not None or self.mask is not None
+
+
+@dataclass
+class RawSample:
+    """A decoded sample before cropping/resizing.
+
+    image   uint8 HxWx3 RGB (or HxW grey for 1-channel sources), possibly decoded reduced
+    scale   image px per source px (1.0 unless decoded reduced)
+    window  (x0, y0, side) square in source px to cut out (may reach outside: zero padding);
+            None = the whole image, padded to a square
+    shapes  objects whose union is salient; empty = no annotation (saliency from --saliency)
+    meta    small JSON-able dict stored in the sample's .json (source_id at least)
+    """
+
+    key: str
+    image: np.ndarray
+    label: int
+    scale: float = 1.0
+    window: tuple[float, float, float] | None = None
+    shapes: list[Shape] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+class Source:
+    """Base class; see the module docstring. Subclasses set `name`, `channels`, `Options`,
+    `has_masks`/`has_boxes` (which --saliency kinds make sense) and implement the methods."""
+
+    name = "base"
+    channels = 3  # 3 = RGB samples, 1 = grey samples
+    has_masks = False  # shapes carry polygons / RLE / masks (--saliency mask)
+    has_boxes = False  # shapes carry boxes (--saliency box)
+    units = ("image",)  # sample units this source supports
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.options = self.Options(**cfg.source_options)
+
+    def classes(self) -> list[str]:
+        raise SourceError(f"source {self.name!r} does not list its classes")
+
+    def fingerprint(self) -> dict:
+        raise SourceError(f"source {self.name!r} has no input fingerprint")
+
+    def items(self) -> tuple[list[WorkItem], list[Skip]]:
+        raise SourceError(f"source {self.name!r} cannot list its items")
+
+    def load(self, item: WorkItem) -> Iterator[RawSample | Skip]:
+        raise SourceError(f"source {self.name!r} cannot load items")

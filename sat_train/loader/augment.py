@@ -1,0 +1,46 @@
+"""Pad-and-random-crop plus horizontal flip, applied identically to an image and its saliency map.
+
+Definition (the DALI pipeline implements the same with `fn.slice(out_of_bounds_policy="pad")` and
+`fn.flip`): per sample draw integer offsets dy, dx uniformly in [-p, p] and one coin; then
+    out[y, x] = in[y + dy, x + dx]   (0 where that falls outside the image), then mirror if the coin is 1.
+Padding is 0 in uint8 for both: black image, saliency -1 ("not salient") -- padding holds no object.
+One set of draws is used for image and saliency, so they stay aligned pixel for pixel.
+
+Both backends hand uint8 NHWC batches to `to_model_inputs`, which makes the float tensors on the
+target device (after the copy: uint8 moves 4x fewer bytes than float).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def draw(rng: np.random.Generator, n: int, padding: int, flip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample (dy, dx, mirror) draws for a batch of n."""
+    dy = rng.integers(-padding, padding + 1, n)
+    dx = rng.integers(-padding, padding + 1, n)
+    mirror = rng.integers(0, 2, n).astype(bool) if flip else np.zeros(n, bool)
+    return dy, dx, mirror
+
+
+def crop_flip(batch: np.ndarray, dy: np.ndarray, dx: np.ndarray, mirror: np.ndarray, padding: int) -> np.ndarray:
+    """Apply the draws to a uint8 batch [N, H, W, C]; returns a new array."""
+    n, h, w, _ = batch.shape
+    p = padding
+    padded = np.pad(batch, ((0, 0), (p, p), (p, p), (0, 0))) if p else batch
+    out = np.empty_like(batch)
+    for i in range(n):
+        view = padded[i, p + dy[i]:p + dy[i] + h, p + dx[i]:p + dx[i] + w]
+        out[i] = view[:, ::-1] if mirror[i] else view
+    return out
+
+
+def to_model_inputs(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor, device: torch.device):
+    """uint8 NHWC image, uint8 NHW1 saliency, int labels -> (x [0,1] NCHW, s [-1,1] N1HW, y int64 N) on device."""
+    non_blocking = device.type == "cuda"
+    x = x.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2)
+    s = s.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2)
+    x = x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+    s = s.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)  # = uint8_to_saliency
+    y = y.reshape(-1).to(device, dtype=torch.int64, non_blocking=non_blocking)
+    return x, s, y

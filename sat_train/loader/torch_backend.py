@@ -1,0 +1,141 @@
+"""Plain-PyTorch backend: webdataset's tar reader + DataLoader worker processes, cv2 decode.
+
+The epoch plan (plan.py) is cut into batches and batch b goes to worker b % num_workers; DataLoader
+collects worker outputs round-robin, so batches arrive in exactly the plan's order -- the same order
+the DALI backend reads. Each worker streams each tar it needs once (webdataset's
+`tar_file_iterator`/`group_by_keys`, only the image, saliency and label members are read), decodes
+with cv2 (one thread per worker: the workers are the parallelism), applies the shared crop/flip
+(augment.py, draws seeded by (seed, epoch, rank, worker)) and ships whole uint8 batches. This is
+the benchmark baseline, so it is built to be fast: uint8 across processes, one decode per sample,
+no per-sample IPC.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards.format import LABEL_EXT, SALIENCY_EXT, decode_label
+
+from . import Loader
+from .augment import crop_flip, draw
+from .plan import LoaderError, stripe_batches
+from .safety import sample_key
+
+READ_COLOR = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 decodes straight to RGB
+
+
+class _PlanDataset(IterableDataset):
+    """One epoch of one rank: worker w yields the uint8 chunks of parts[w]."""
+
+    def __init__(self, loader: "TorchLoader", parts, epoch: int):
+        self.parts, self.epoch = parts, epoch
+        self.tars = [str(p) for p in loader.manifest.tar_paths()]
+        self.keys = [[sample_key(e[0][3]) for e in shard] for shard in loader.shard_set.entries]
+        image = loader.manifest.image
+        self.fmt, self.shape = image["format"], (image["height"], image["width"], image["channels"])
+        self.batch_size = loader.batch_size
+        self.augment, self.padding, self.flip = loader.augment, loader.crop_padding, loader.flip
+        self.seed, self.rank = loader.seed, loader.layout.rank
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        cv2.setNumThreads(1)  # one decode thread per worker process: workers are the parallelism
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, 3, worker])
+        batches = self.parts[worker]
+        wanted: dict[int, list[int]] = {}  # shard -> ordinals this worker needs, shards in plan order
+        for batch in batches:
+            for shard, o in batch:
+                wanted.setdefault(shard, []).append(o)
+        held: dict[tuple[int, int], tuple[str, dict]] = {}
+        next_batch = 0
+        for shard, ordinals in wanted.items():  # each tar streamed once, in plan order
+            held.update(zip(((shard, o) for o in ordinals), self._read_samples(shard, ordinals)))
+            while next_batch < len(batches) and all(t in held for t in batches[next_batch]):
+                yield self._decode([held.pop(t) for t in batches[next_batch]], rng)
+                next_batch += 1
+
+    def _read_samples(self, shard: int, ordinals: list[int]) -> list[tuple[str, dict]]:
+        """The listed samples of one tar, in the listed order; stops reading once all are found."""
+        from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+        tar = self.tars[shard]
+        want = {self.keys[shard][o]: i for i, o in enumerate(ordinals)}
+        found: list = [None] * len(want)
+        exts = (self.fmt, SALIENCY_EXT, LABEL_EXT)
+        left = len(want)
+        try:
+            with open(tar, "rb") as f:
+                members = tar_file_iterator(f, select_files=lambda n: n.split(".", 1)[0] in want
+                                            and n.split(".", 1)[-1] in exts)
+                members = ({**m, "__url__": tar} for m in members)  # group_by_keys records each sample's url
+                for sample in group_by_keys(members):
+                    i = want.get(sample["__key__"])
+                    if i is None or found[i] is not None:
+                        continue
+                    found[i] = (sample["__key__"], sample)
+                    left -= 1
+                    if left == 0:
+                        break
+        except (OSError, ValueError, EOFError) as e:  # tarfile errors derive from these or Exception
+            raise LoaderError(f"{tar}: damaged tar ({e})") from None
+        except Exception as e:
+            if type(e).__module__ == "tarfile":
+                raise LoaderError(f"{tar}: damaged tar ({e})") from None
+            raise
+        if left:
+            missing = next(k for k, i in want.items() if found[i] is None)
+            raise LoaderError(f"{tar}: sample {missing!r} from the index is not in the tar (replaced? try verify='sha256')")
+        return found
+
+    def _decode(self, chunk, rng):
+        n, (h, w, c) = len(chunk), self.shape
+        x = np.empty((n, h, w, c), np.uint8)
+        s = np.empty((n, h, w, 1), np.uint8)
+        y = np.empty(n, np.int64)
+        for i, (key, sample) in enumerate(chunk):
+            x[i] = self._image(sample.get(self.fmt), key)
+            s[i, ..., 0] = self._grey(sample.get(SALIENCY_EXT), key, SALIENCY_EXT, (h, w))
+            y[i] = decode_label(sample[LABEL_EXT])
+        if self.augment:
+            dy, dx, mirror = draw(rng, n, self.padding, self.flip)
+            x, s = crop_flip(x, dy, dx, mirror, self.padding), crop_flip(s, dy, dx, mirror, self.padding)
+        return torch.from_numpy(x), torch.from_numpy(s), torch.from_numpy(y), [k for k, _ in chunk]
+
+    def _image(self, data: bytes, key: str) -> np.ndarray:
+        h, w, c = self.shape
+        if self.fmt == "raw":
+            if len(data) != h * w * c:
+                raise LoaderError(f"sample {key!r}: raw image has {len(data)} bytes, manifest shape {h}x{w}x{c} needs {h * w * c}")
+            return np.frombuffer(data, np.uint8).reshape(h, w, c)
+        if c == 1:
+            return self._grey(data, key, self.fmt, (h, w))[..., None]
+        buf = np.frombuffer(data, np.uint8)
+        img = cv2.imdecode(buf, READ_COLOR) if READ_COLOR is not None else cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        if img is None or img.shape != (h, w, 3):
+            raise LoaderError(f"sample {key!r}: {self.fmt} image does not decode to {h}x{w}x3")
+        return img if READ_COLOR is not None else img[..., ::-1]
+
+    @staticmethod
+    def _grey(data: bytes, key: str, ext: str, hw) -> np.ndarray:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+        if img is None or img.shape != tuple(hw):
+            raise LoaderError(f"sample {key!r}: {ext} does not decode to a {hw[0]}x{hw[1]} grey image")
+        return img
+
+
+class TorchLoader(Loader):
+    backend = "torch"
+
+    def _uint8_batches(self, plan, epoch):
+        parts = stripe_batches(plan, self.batch_size, self.num_workers)
+        loader = DataLoader(_PlanDataset(self, parts, epoch), batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda",
+                            prefetch_factor=4 if self.num_workers else None)
+        try:
+            yield from loader
+        except LoaderError as e:  # from a worker, the message carries its traceback: keep the last line
+            last = str(e).strip().splitlines()[-1]
+            raise LoaderError(last.split("LoaderError: ", 1)[-1]) from None

@@ -1,0 +1,207 @@
+"""Fashion-MNIST / MNIST in their original IDX files (`.gz` or raw), e.g. Debian's dataset-fashion-mnist.
+
+    <root>/train-images-idx3-ubyte[.gz]  train-labels-idx1-ubyte[.gz]     (split train)
+    <root>/t10k-images-idx3-ubyte[.gz]   t10k-labels-idx1-ubyte[.gz]      (split test)
+
+(`train-images.idx3-ubyte`, as some mirrors name them, is accepted too.) IDX is a big-endian header
+(2 zero bytes, a type code, the number of dims, one uint32 per dim) followed by the values.
+The whole image file is read at once: 60k x 28 x 28 bytes is 47 MB, and a numpy view over it
+is far faster than decoding records one by one.
+"""
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shards.format import sha256_file
+
+from preprocess.sources.base import RawSample, Skip, Source, SourceError, WorkItem
+
+# IDX type codes -> big-endian numpy dtypes (from the format's description on Yann LeCun's page)
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+MNIST_CLASSES = [str(d) for d in range(10)]
+DEFAULT_ROOTS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
+SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+
+
+class IdxFormatError(ValueError):
+    """An IDX file is missing, truncated or not IDX; the message names the file."""
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx_header(path: str | Path) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, dims, header bytes) of an IDX file."""
+    path = Path(path)
+    try:
+        with _open(path) as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise IdxFormatError(f"{path}: truncated IDX header ({len(head)} bytes)")
+            if head[0] != 0 or head[1] != 0 or head[2] not in IDX_DTYPES:
+                raise IdxFormatError(f"{path}: not an IDX file (magic bytes {head.hex()})")
+            ndim = head[3]
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise IdxFormatError(f"{path}: truncated IDX header (expected {ndim} dimensions)")
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise IdxFormatError(f"{path}: cannot read ({e})") from None
+    dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4"))
+    return np.dtype(IDX_DTYPES[head[2]]), dims, 4 + 4 * ndim
+
+
+def read_idx(path: str | Path, limit: int | None = None) -> np.ndarray:
+    """The array stored in an IDX file, first dimension cut to `limit` records if given.
+
+    Reads only the bytes needed for `limit` records (a gzip stream is decompressed that far)."""
+    path = Path(path)
+    dtype, dims, header = read_idx_header(path)
+    if not dims:
+        raise IdxFormatError(f"{path}: IDX file with zero dimensions")
+    n = dims[0] if limit is None else min(dims[0], max(0, int(limit)))
+    record = int(np.prod(dims[1:], dtype=np.int64)) * dtype.itemsize
+    want = n * record
+    try:
+        with _open(path) as f:
+            f.seek(header)  # gzip emulates a forward seek by decompressing
+            data = f.read(want)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        # a gzip stream cut short raises EOFError here ("Compressed file ended before the end-of-stream")
+        raise IdxFormatError(f"{path}: truncated or corrupt ({e})") from None
+    if len(data) < want:
+        raise IdxFormatError(f"{path}: truncated: header promises {dims[0]} records of {record} bytes, "
+                             f"file holds {len(data) // max(record, 1)}")
+    return np.frombuffer(data, dtype=dtype).reshape((n,) + dims[1:]).astype(dtype.newbyteorder("="), copy=False)
+
+
+def find_idx_pair(root: str | Path, split: str) -> tuple[Path, Path]:
+    """(images, labels) IDX paths of `split` under root; IdxFormatError names what is missing."""
+    root = Path(root)
+    if split not in SPLIT_PREFIX:
+        raise IdxFormatError(f"{root}: MNIST-style IDX sets have splits train and test, not {split!r}")
+    if not root.is_dir():
+        raise IdxFormatError(f"{root}: no such folder (give the folder holding the IDX files)")
+    prefix = SPLIT_PREFIX[split]
+    found = []
+    for kind, rank in (("images", 3), ("labels", 1)):
+        names = [f"{prefix}-{kind}-idx{rank}-ubyte", f"{prefix}-{kind}.idx{rank}-ubyte"]
+        candidates = [root / (n + gz) for n in names for gz in (".gz", "")]
+        hit = next((p for p in candidates if p.is_file()), None)
+        if hit is None:
+            raise IdxFormatError(f"{root}: no {prefix}-{kind}-idx{rank}-ubyte[.gz] for split {split!r}")
+        found.append(hit)
+    return found[0], found[1]
+
+
+def load_idx_split(root: str | Path, split: str, limit: int | None = None,
+                   num_classes: int = 10) -> tuple[np.ndarray, np.ndarray, tuple[Path, Path]]:
+    """(images N x H x W uint8, labels N int64, (image path, label path)) checked for consistency."""
+    img_path, lbl_path = find_idx_pair(root, split)
+    images = read_idx(img_path, limit)
+    labels = read_idx(lbl_path, limit)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise IdxFormatError(f"{img_path}: expected N x H x W unsigned bytes, got {images.dtype} {images.shape}")
+    if labels.ndim != 1:
+        raise IdxFormatError(f"{lbl_path}: expected one label per record, got shape {labels.shape}")
+    n_img, n_lbl = read_idx_header(img_path)[1][0], read_idx_header(lbl_path)[1][0]
+    if n_img != n_lbl:
+        raise IdxFormatError(f"{lbl_path}: {n_lbl} labels for {n_img} images in {img_path.name}")
+    return images, labels.astype(np.int64), (img_path, lbl_path)
+
+
+# ----------------------------------------------------------------------------- the Source
+
+
+class FashionMnistSource(Source):
+    """Fashion-MNIST (the project's default dataset; Debian's dataset-fashion-mnist by default).
+
+        preprocess build-shards fashion-mnist --split train --out shards/fashion-mnist/train
+
+    Samples are the native 28x28 grey images, stored `raw` unless --image-format says otherwise
+    (decoding a 784-byte PNG costs more than the bytes it saves). Unannotated: saliency comes from
+    --saliency foreground (garments on black: a real weak map) or none (control)."""
+
+    name = "fashion-mnist"
+    channels = 1
+    units = ("image",)
+    class_names = FASHION_MNIST_CLASSES
+    default_size = 28
+    default_image_format = "raw"
+
+    @dataclass
+    class Options:
+        limit: int = field(default=0, metadata={"help": "use only the first N records of the split (0 = all)"})
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if self.options.limit < 0:
+            raise SourceError(f"{self.name}: --limit must be >= 0, got {self.options.limit}")
+        self.root = Path(cfg.root or DEFAULT_ROOTS[self.name])
+        try:
+            self.paths = find_idx_pair(self.root, cfg.split)
+            dtype, dims, _ = read_idx_header(self.paths[0])
+            _, ldims, _ = read_idx_header(self.paths[1])
+        except IdxFormatError as e:
+            raise SourceError(str(e)) from None
+        if len(dims) != 3 or dtype != np.uint8:
+            raise SourceError(f"{self.paths[0]}: expected an N x H x W ubyte image file, got {dtype} {dims}")
+        if len(ldims) != 1 or ldims[0] != dims[0]:
+            raise SourceError(f"{self.paths[1]}: {ldims[0] if ldims else 0} labels for {dims[0]} images in {self.paths[0].name}")
+        self.count = dims[0] if not self.options.limit else min(dims[0], self.options.limit)
+        self._images = None  # read lazily, once per worker process (see _arrays); never pickled
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_images"] = None
+        return state
+
+    def classes(self) -> list[str]:
+        return list(self.class_names)
+
+    def fingerprint(self) -> dict:
+        return {"files": [p.name for p in self.paths], "sha256": [sha256_file(p) for p in self.paths],
+                "records": self.count}
+
+    def _arrays(self) -> np.ndarray:
+        if self._images is None:
+            try:
+                self._images = read_idx(self.paths[0], self.count)
+            except IdxFormatError as e:
+                raise SourceError(str(e)) from None
+        return self._images
+
+    def items(self) -> tuple[list[WorkItem], list[Skip]]:
+        try:
+            labels = read_idx(self.paths[1], self.count)
+        except IdxFormatError as e:
+            raise SourceError(str(e)) from None
+        items, skips = [], []
+        for i, label in enumerate(labels.tolist()):
+            if not 0 <= label < len(self.class_names):
+                skips.append(Skip(f"{self.cfg.split}_{i:05d}", "label out of range",
+                                  f"{self.paths[1]}: record {i} has label {label}"))
+                continue
+            items.append(WorkItem(f"{self.cfg.split}_{i:05d}", 1, (i, int(label))))
+        return items, skips
+
+    def load(self, item: WorkItem):
+        i, label = item.data
+        yield RawSample(key=item.id, image=self._arrays()[i], label=label,
+                        meta={"source_id": f"{self.paths[0].name}#{i}"})
+
+
+class MnistSource(FashionMnistSource):
+    """MNIST digits in the same IDX layout (root: the folder holding the four IDX files).
+
+        preprocess build-shards mnist --root /path/to/mnist --split train --out shards/mnist/train"""
+
+    name = "mnist"
+    class_names = MNIST_CLASSES

@@ -1,0 +1,137 @@
+import gzip
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dataset_fixtures as fx  # noqa: E402
+
+from preprocess.config import BuildConfig  # noqa: E402
+from preprocess.sources.base import Skip, SourceError  # noqa: E402
+from preprocess.sources.idx_mnist import (FASHION_MNIST_CLASSES, FashionMnistSource, IdxFormatError,  # noqa: E402
+                                          MnistSource, find_idx_pair, load_idx_split, read_idx)
+
+REAL = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _digits(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_round_trip_gz_and_raw(tmp_path, gz):
+    imgs, labels = _digits(37)
+    fx.write_mnist_folder(tmp_path, {"train": imgs}, {"train": labels}, gz=gz)
+    got_imgs, got_labels, (ip, lp) = load_idx_split(tmp_path, "train")
+    assert ip.name.endswith(".gz") == gz
+    np.testing.assert_array_equal(got_imgs, imgs)
+    np.testing.assert_array_equal(got_labels, labels.astype(np.int64))
+    np.testing.assert_array_equal(read_idx(ip, limit=5), imgs[:5])
+
+
+def test_truncated_and_foreign_files_are_named(tmp_path):
+    imgs, labels = _digits(10)
+    fx.write_mnist_folder(tmp_path, {"train": imgs}, {"train": labels}, gz=False)
+    raw = tmp_path / "train-images-idx3-ubyte"
+    raw.write_bytes(raw.read_bytes()[:-100])
+    with pytest.raises(IdxFormatError, match="train-images-idx3-ubyte: truncated"):
+        read_idx(raw)
+    assert read_idx(raw, limit=3).shape == (3, 28, 28)  # the intact prefix is still readable
+
+    gz = fx.write_idx(tmp_path / "gz" / "train-images-idx3-ubyte", imgs, gz=True)
+    gz.write_bytes(gz.read_bytes()[:200])
+    with pytest.raises(IdxFormatError, match="train-images-idx3-ubyte.gz: truncated"):
+        read_idx(gz)
+
+    bad = tmp_path / "bad" / "train-images-idx3-ubyte"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    with pytest.raises(IdxFormatError, match="not an IDX file"):
+        read_idx(bad)
+
+
+def test_wrong_layout_messages(tmp_path):
+    with pytest.raises(IdxFormatError, match="no t10k-images-idx3-ubyte"):
+        find_idx_pair(tmp_path, "test")
+    with pytest.raises(IdxFormatError, match="splits train and test"):
+        find_idx_pair(tmp_path, "val")
+    imgs, labels = _digits(10)
+    fx.write_mnist_folder(tmp_path, {"train": imgs}, {"train": labels[:7]})
+    with pytest.raises(IdxFormatError, match="7 labels for 10 images"):
+        load_idx_split(tmp_path, "train")
+    cfg = BuildConfig(source="mnist", root=str(tmp_path), split="train", unit="image")
+    with pytest.raises(SourceError, match="7 labels for 10 images"):
+        MnistSource(cfg)
+
+
+def test_source_items_skip_labels_out_of_range(tmp_path):
+    imgs, labels = _digits(20, seed=1)
+    labels[3], labels[11] = 12, 255
+    fx.write_mnist_folder(tmp_path, {"test": imgs}, {"test": labels})
+    src = MnistSource(BuildConfig(source="mnist", root=str(tmp_path), split="test", unit="image"))
+    items, skips = src.items()
+    assert len(items) == 18
+    assert {s.id for s in skips} == {"test_00003", "test_00011"}
+    assert all(s.reason == "label out of range" for s in skips)
+    sample = next(src.load(items[5]))
+    i = items[5].data[0]
+    np.testing.assert_array_equal(sample.image, imgs[i])
+    assert sample.label == labels[i] and sample.shapes == [] and sample.window is None
+    # limit reads only a prefix; the instance pickles without pixels
+    src = MnistSource(BuildConfig(source="mnist", root=str(tmp_path), split="test", unit="image",
+                                  source_options={"limit": 4}))
+    assert [it.id for it in src.items()[0]] == ["test_00000", "test_00001", "test_00002"]
+    import pickle
+    next(src.load(src.items()[0][0]))
+    assert len(pickle.dumps(src)) < 4096
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_real_fashion_mnist_default_root():
+    src = FashionMnistSource(BuildConfig(source="fashion-mnist", split="test", unit="image",
+                                         source_options={"limit": 500}))
+    assert src.root == REAL and src.classes() == FASHION_MNIST_CLASSES
+    items, skips = src.items()
+    assert len(items) == 500 and skips == []
+    labels = [it.data[1] for it in items]
+    assert set(labels) == set(range(10))
+    img = next(src.load(items[0])).image
+    assert img.shape == (28, 28) and img.dtype == np.uint8
+    # garments on black: border dark, centre bright (what makes --saliency foreground meaningful)
+    assert img[0].max() < 40 and img[8:20, 8:20].mean() > 60
+    # the whole train split: 60k records with the documented header
+    with gzip.open(REAL / "train-labels-idx1-ubyte.gz") as f:
+        assert f.read(8) == b"\x00\x00\x08\x01\x00\x00\xea\x60"
+    fp = src.fingerprint()
+    assert fp["records"] == 500 and len(fp["sha256"]) == 2
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="real Fashion-MNIST not installed")
+def test_real_fashion_mnist_matches_foolbox_samples():
+    """foolbox ships the first 20 Fashion-MNIST test images: an independent check of our IDX reader."""
+    data = fx.foolbox_data_dir()
+    if isinstance(data, str):
+        pytest.skip(data)
+    ref_imgs, ref_labels = fx.foolbox_samples(data, "fashionMNIST", grey=True)
+    imgs, labels, _ = load_idx_split(REAL, "test", limit=20)
+    np.testing.assert_array_equal(labels, ref_labels)
+    np.testing.assert_array_equal(imgs, ref_imgs)
+
+
+def test_real_mnist_pixels_through_gz_fixture(tmp_path):
+    """Real MNIST digits (foolbox) written as IDX .gz read back bit-exactly through the Source."""
+    data = fx.foolbox_data_dir()
+    if isinstance(data, str):
+        pytest.skip(data)
+    imgs, labels = fx.foolbox_samples(data, "mnist", grey=True)
+    fx.write_mnist_folder(tmp_path, {"train": imgs}, {"train": labels})
+    src = MnistSource(BuildConfig(source="mnist", root=str(tmp_path), split="train", unit="image"))
+    items, skips = src.items()
+    assert skips == [] and [it.data[1] for it in items] == labels.tolist()
+    for it in items[:5]:
+        s = next(src.load(it))
+        np.testing.assert_array_equal(s.image, imgs[it.data[0]])
+        assert not isinstance(s, Skip)

@@ -3,6 +3,9 @@
 Models take [0, 1] inputs and normalize inside, so every eps here is in pixel units (8/255 = 8 grey
 levels). Attacks never change the model's train/eval mode: the caller decides (see sat_train.methods).
 Gradients are taken w.r.t. the input only (torch.autograd.grad), so parameter .grad is untouched.
+
+Speed matters (eval runs PGD-20 at 8 eps): one forward + one input-gradient per step, no extra forward
+passes, the eps-ball and [0, 1] box merged into one per-pixel clamp computed once, updates in place.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NORMS = ("linf", "l2")
 
 
 def ce_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -30,40 +34,53 @@ def _rand_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _l2_norms(t: torch.Tensor) -> torch.Tensor:
+    return _per_sample(t.flatten(1).norm(dim=1).clamp_min(1e-12), t)
+
+
 def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
 def project_l2(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     delta = x_adv - x
-    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-    delta = delta * torch.clamp(eps / norms, max=1.0)
+    delta = delta * torch.clamp(eps / _l2_norms(delta), max=1.0)
     return (x + delta).clamp_(0.0, 1.0)
 
 
 def fgsm(model, x, y, eps: float, loss_fn: LossFn = ce_sum) -> torch.Tensor:
     """One signed-gradient step of size eps (Goodfellow et al. 2015)."""
-    return (x + eps * input_grad(model, x, y, loss_fn).sign()).clamp_(0.0, 1.0).detach()
+    return (x + eps * input_grad(model, x, y, loss_fn).sign_()).clamp_(0.0, 1.0).detach()
+
+
+def _random_start(x, eps, norm, generator):
+    if norm == "linf":
+        return (x + (2 * _rand_like(x, generator) - 1) * eps).clamp_(0.0, 1.0)
+    # uniform direction, radius uniform in [0, eps]
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    radius = _per_sample(_rand_like(x.new_empty(len(x)), generator), x)
+    return project_l2(x + noise / _l2_norms(noise) * radius * eps, x, eps)
 
 
 def _pgd_once(model, x, y, eps, alpha, steps, random_start, loss_fn, generator, norm):
-    if random_start:
-        if norm == "linf":
-            x_adv = (x + (2 * _rand_like(x, generator) - 1) * eps).clamp_(0.0, 1.0)
-        else:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            noise = noise / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-            radius = _rand_like(x[:, :1, :1, :1] if x.dim() == 4 else x[:, :1], generator)
-            x_adv = project_l2(x + noise * radius * eps, x, eps)
-    else:
-        x_adv = x.clone()
+    x_adv = _random_start(x, eps, norm, generator) if random_start else x.clone()
+    if norm == "linf":
+        # the eps-ball intersected with [0, 1] is a per-pixel box: one clamp per step projects onto both
+        lo, hi = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
     for _ in range(steps):
-        g = input_grad(model, x_adv, y, loss_fn)
+        x_adv.requires_grad_(True)
+        (g,) = torch.autograd.grad(loss_fn(model(x_adv), y), x_adv)
+        x_adv = x_adv.detach()  # the graph is freed, so updating this storage in place is safe
         if norm == "linf":
-            x_adv = project_linf(x_adv + alpha * g.sign(), x, eps)
+            x_adv.add_(g.sign_(), alpha=alpha)
+            torch.clamp(x_adv, lo, hi, out=x_adv)
         else:
-            gn = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-            x_adv = project_l2(x_adv + alpha * g / gn, x, eps)
+            x_adv.add_(g.div_(_l2_norms(g)), alpha=alpha)
+            x_adv = project_l2(x_adv, x, eps)
     return x_adv.detach()
 
 
@@ -71,21 +88,22 @@ def pgd(model, x, y, eps: float, alpha: float, steps: int, *, norm: str = "linf"
         restarts: int = 1, loss_fn: LossFn = ce_sum, generator: torch.Generator | None = None) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018) in L-inf or L2, with random restarts.
 
-    With restarts > 1 each sample keeps the first restart that fools the model (else the first restart)."""
-    if norm not in ("linf", "l2"):
+    With restarts > 1 each sample keeps the first restart that fools the model (else the first restart);
+    later restarts only attack the samples no earlier restart fooled (same answer, less work)."""
+    if norm not in NORMS:
         raise ValueError(f"norm must be 'linf' or 'l2', not {norm!r}")
-    best = None
-    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    for _ in range(max(1, restarts)):
-        x_adv = _pgd_once(model, x, y, eps, alpha, steps, random_start, loss_fn, generator, norm)
-        if restarts <= 1:
-            return x_adv
+    x = x.detach()
+    best = _pgd_once(model, x, y, eps, alpha, steps, random_start, loss_fn, generator, norm)
+    if restarts <= 1:
+        return best
+    with torch.no_grad():
+        robust = (model(best).argmax(1) == y).nonzero().flatten()
+    for _ in range(restarts - 1):
+        if len(robust) == 0:
+            break
+        x_adv = _pgd_once(model, x[robust], y[robust], eps, alpha, steps, random_start, loss_fn, generator, norm)
         with torch.no_grad():
-            now_fooled = model(x_adv).argmax(1) != y
-        if best is None:
-            best = x_adv
-        else:
-            take = now_fooled & ~fooled
-            best[take] = x_adv[take]
-        fooled |= now_fooled
+            fooled = model(x_adv).argmax(1) != y[robust]
+        best[robust[fooled]] = x_adv[fooled]
+        robust = robust[~fooled]
     return best

@@ -1,0 +1,236 @@
+"""`TrainConfig`: every knob of `sat-train fit`, from a TOML file and/or flags (flags win).
+
+    sat-train fit --config fit.toml --epochs 5          # fit.toml holds TrainConfig keys at top level
+
+Unknown keys (file) and unknown flags are rejected. The config is printed at start and saved as
+RUN/config.json. Semantics worth knowing:
+
+- batch_size is PER PROCESS. Under `torchrun --nproc_per_node N` the global batch is N * batch_size.
+- lr is used as given whatever the world size (no implicit scaling): when you multiply the global
+  batch, scale lr yourself (linear rule: lr * N) if you want the single-process dynamics.
+- epochs count passes over the shard set; under DDP each process sees 1/N of it per epoch.
+- p of SAT follows the curriculum p = 1 - sat_a ** (epoch / 10) (epoch from 0) unless sat_p is set.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from sat_train.methods import ATTACK_BN_MODES, METHODS
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "piecewise", "constant")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+class ConfigError(Exception):
+    """A config file or flag is wrong; the message names the source and the problem."""
+
+
+@dataclass
+class TrainConfig:
+    # data
+    shards: str = ""  # training shard set (folder with manifest.json); required
+    run: str = ""  # run folder; default runs/<method>
+    loader_backend: str = "auto"  # "auto" | "dali" | "torch" (see sat_train.loader)
+    num_workers: int = 2
+    augment: bool = True  # random crop (pad crop_padding) + horizontal flip, shared by image and saliency
+    crop_padding: int = 4
+    flip: bool = True
+    # model
+    arch: str = "cnn4"  # see sat_train.models.ARCHS; resnet18 / preact-resnet18 / wrn-34-10 on a GPU
+    # method
+    method: str = "sat"
+    eps: float = 8 / 255  # L-inf radius of every perturbation, in [0, 1] pixel units
+    sat_a: float = 0.6  # curriculum base: p = 1 - sat_a ** (epoch / 10)
+    sat_p: typing.Optional[float] = None  # fixed p instead of the curriculum
+    sat_per_pixel: bool = False  # Bernoulli per pixel (shared by channels) instead of per element
+    mix_prob: float = 0.5  # sat+pgd / sat+trades: probability that a batch gets the SAT perturbation
+    pgd_steps: int = 7
+    pgd_alpha: float = 2 / 255
+    trades_beta: float = 6.0
+    trades_steps: int = 10  # TRADES inner maximization steps (Zhang et al. 2019 use 10), step pgd_alpha
+    fgsm_alpha: float = 1.25  # fgsm-rs step as a multiple of eps (Wong et al. 2020)
+    attack_bn: str = "auto"  # BatchNorm mode while crafting attacks: auto (as the literature) | train | eval
+    clean_acc_every: int = 10  # methods that train on perturbed inputs measure clean accuracy every k batches
+    # optimization
+    epochs: int = 20
+    batch_size: int = 128  # per process
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    adam_betas: typing.Tuple[float, float] = (0.9, 0.999)
+    schedule: str = "cosine"
+    milestones: typing.Tuple[float, ...] = (0.5, 0.75)  # piecewise: fractions of training where lr *= gamma
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    # execution
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "auto"  # auto = bf16 on CUDA, off on CPU
+    channels_last: bool = True  # on CUDA only
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # torch.use_deterministic_algorithms + no cudnn benchmark
+    limit_batches: int = 0  # >0: stop each epoch after this many batches (smoke runs)
+    stop_after_epochs: int = 0  # >0: exit after this many epochs in this call, as if preempted (time-sliced jobs); --resume continues
+    progress: bool = True
+    resume: bool = False
+    overwrite: bool = False  # replace an existing run folder's results instead of refusing
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def pretty(self) -> str:
+        width = max(len(f.name) for f in dataclasses.fields(self))
+        return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in self.to_dict().items())
+
+
+# Fields that may differ between a run and its --resume (they do not change the math).
+RESUMABLE_CHANGES = {"epochs", "num_workers", "progress", "resume", "overwrite", "loader_backend", "device", "run", "shards",
+                     "stop_after_epochs"}
+# (shards may move on disk: fit checks the manifest fingerprint against the checkpoint instead)
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value, source: str):
+    """Check/convert one value to the field's type; ConfigError names the source and key."""
+    hint = _HINTS[name]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if origin is typing.Union:  # Optional[float]
+            if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+                return None
+            return _coerce_plain(args[0], value)
+        if origin is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            inner = args[0]
+            out = tuple(_coerce_plain(inner, v) for v in items)
+            if args[-1] is not Ellipsis and len(out) != len(args):
+                raise ValueError(f"needs {len(args)} values")
+            return out
+        return _coerce_plain(hint, value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {name} = {value!r} is not a valid {getattr(hint, '__name__', hint)} ({e})") from None
+
+
+def _coerce_plain(typ, value):
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError("expected true/false")
+    if typ is int and isinstance(value, (bool, float)):
+        raise TypeError("expected an integer")
+    if typ is float and isinstance(value, bool):
+        raise TypeError("expected a number")
+    if typ is str and not isinstance(value, str):
+        raise TypeError("expected a string")
+    return typ(value)
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{path}: unknown config key(s) {', '.join(unknown)} (see sat-train fit --help)")
+    return {k: _coerce(k, v, str(path)) for k, v in data.items()}
+
+
+def from_dict(values: dict, source: str = "config") -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown config key(s) {', '.join(unknown)}")
+    cfg = TrainConfig(**{k: _coerce(k, v, source) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def load_saved(path: str | Path) -> dict:
+    """Values of a saved RUN/config.json (for --resume)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the run's config ({e})") from None
+    return {k: _coerce(k, v, str(path)) for k, v in data.items() if k in _HINTS}
+
+
+def validate(cfg: TrainConfig) -> None:
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.method in METHODS, f"method {cfg.method!r} is not one of {', '.join(METHODS)}")
+    need(cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    need(cfg.schedule in SCHEDULES, f"schedule {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    need(cfg.amp in AMP_MODES, f"amp {cfg.amp!r} is not one of {', '.join(AMP_MODES)}")
+    need(cfg.attack_bn in ATTACK_BN_MODES, f"attack_bn {cfg.attack_bn!r} is not one of {', '.join(ATTACK_BN_MODES)}")
+    need(cfg.device in ("auto", "cpu", "cuda"), f"device {cfg.device!r} is not auto, cpu or cuda")
+    need(cfg.epochs >= 1 and cfg.batch_size >= 1, "epochs and batch_size must be >= 1")
+    need(0 <= cfg.eps <= 1 and cfg.lr > 0, "eps must be in [0, 1] and lr > 0")
+    need(0 < cfg.sat_a <= 1, f"sat_a={cfg.sat_a} must be in (0, 1]")
+    need(cfg.sat_p is None or 0 <= cfg.sat_p <= 1, f"sat_p={cfg.sat_p} must be in [0, 1]")
+    need(0 <= cfg.mix_prob <= 1, f"mix_prob={cfg.mix_prob} must be in [0, 1]")
+    need(cfg.pgd_steps >= 1 and cfg.trades_steps >= 1, "pgd_steps and trades_steps must be >= 1")
+    need(all(0 < m < 1 for m in cfg.milestones), "milestones are fractions of training in (0, 1)")
+    need(cfg.clean_acc_every >= 1 and cfg.limit_batches >= 0 and cfg.stop_after_epochs >= 0,
+         "clean_acc_every >= 1, limit_batches >= 0 and stop_after_epochs >= 0")
+    need(0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+
+
+# ----------------------------------------------------------------------------- flags
+
+def build_parser(prog: str = "sat-train fit", description: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 argument_default=argparse.SUPPRESS)  # only flags the user gave override
+    ap.add_argument("--config", metavar="FILE.toml", help="TOML file with TrainConfig keys (flags override it)")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint, default = _HINTS[f.name], getattr(defaults, f.name)
+        if hint is bool:
+            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=f"(default {default})")
+        else:
+            ap.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=f"(default {default!r})")
+    return ap
+
+
+def parse_argv(argv: list[str], description: str | None = None) -> dict:
+    """The values the user set explicitly: --config file keys, then flags on top (flags win)."""
+    ap = build_parser(description=description)
+    ns = vars(ap.parse_args(argv))
+    values = load_toml(ns.pop("config")) if "config" in ns else {}
+    values.update({k: _coerce(k, v, f"--{k.replace('_', '-')}") for k, v in ns.items()})
+    return values
+
+
+def parse_args(argv: list[str], description: str | None = None) -> TrainConfig:
+    """TrainConfig from defaults < --config file < flags."""
+    return from_dict(parse_argv(argv, description), "flags")
+
+
+def resume_values(explicit: dict, saved: dict) -> dict:
+    """Config values for --resume: the saved run's, with the explicitly given ones on top. Only
+    runtime fields may change: anything else would break 'resumed == uninterrupted'."""
+    changed = sorted(k for k, v in explicit.items() if k in saved and v != saved[k] and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError(f"--resume: cannot change {', '.join(changed)} of an existing run "
+                          f"(only {', '.join(sorted(RESUMABLE_CHANGES - {'resume', 'overwrite'}))} may change)")
+    return {**saved, **explicit}

@@ -1,0 +1,301 @@
+"""`sat-train fit`: train a classifier on a shard set with standard, SAT, PGD, TRADES or FGSM-RS training.
+
+    sat-train fit --shards shards/fashion-mnist/train --method sat --run runs/sat
+    sat-train fit --config fit.toml --epochs 30                      # TOML keys = TrainConfig fields
+    sat-train fit --run runs/sat --resume                            # continue from runs/sat/checkpoints/last.pt
+    torchrun --nproc_per_node 4 -m sat_train fit --shards ... --method sat --run runs/sat-4gpu
+
+Multi-process: under torchrun every process trains a DistributedDataParallel replica on its 1/N of
+each epoch (nccl on CUDA, gloo on CPU). --batch-size is per process (global = N x batch size) and
+--lr is used as given (scale it yourself for a larger global batch). Rank 0 writes the run folder:
+
+    RUN/config.json       the full TrainConfig
+    RUN/metrics.jsonl     one JSON line per epoch: epoch, loss, train_acc (clean), input_acc, p, lr,
+                          images_per_s, epoch_time_s, perturbations (batches per kind)
+    RUN/checkpoints/last.pt   written atomically after every epoch (see sat_train.checkpoint)
+    RUN/summary.json      at the end: method, saliency source, epochs, train time, throughput, final loss/acc
+
+Determinism: data order and augmentation follow (seed, epoch); the perturbation draws use a
+generator seeded by (seed, epoch, rank); all global RNG states are checkpointed. On CPU a run stopped
+after epoch k (--stop-after-epochs k, or a crash after the checkpoint) and resumed ends with the same
+weights, bit for bit, as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import sat_train
+from sat_train import distributed as D
+from sat_train.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from sat_train.config import ConfigError, TrainConfig, from_dict, load_saved, parse_argv, resume_values
+from sat_train.methods import Method, curriculum_p
+from sat_train.models import build_model, model_spec
+from sat_train.optim import make_optimizer, make_scheduler
+from sat_train.loader import LoaderError
+from shards.format import ShardFormatError, atomic_write_json
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
+USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LoaderError)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.run or f"runs/{cfg.method.replace('+', '-')}")
+
+
+def prepare_run_dir(cfg: TrainConfig, run: Path, info: D.DistInfo) -> None:
+    """Refuse to mix two runs in one folder; --overwrite clears this project's files only."""
+    has_run = checkpoint_path(run).exists() or (run / "metrics.jsonl").exists()
+    if cfg.resume:
+        if not checkpoint_path(run).exists():
+            raise CheckpointError(f"{checkpoint_path(run)}: nothing to resume (no checkpoint)")
+        return
+    if has_run and not cfg.overwrite:
+        raise ConfigError(f"{run}: already holds a run; pass --resume to continue it or --overwrite to start over")
+    if info.is_main and has_run:
+        for name in RUN_FILES:
+            (run / name).unlink(missing_ok=True)
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device):
+    mode = ("bf16" if device.type == "cuda" else "off") if cfg.amp == "auto" else cfg.amp
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
+
+
+def fit(cfg: TrainConfig, info: D.DistInfo | None = None) -> dict:
+    """Train as `cfg` says; returns the summary dict (rank 0 also writes it to RUN/summary.json)."""
+    from sat_train.loader import make_loader
+
+    info = info or D.DistInfo(device=D.resolve_device(cfg.device))
+    device, main = info.device, info.is_main
+    run = resolve_run_dir(cfg)
+    if not cfg.shards:
+        raise ConfigError("no training shards given (--shards DIR)")
+    prepare_run_dir(cfg, run, info)
+    D.barrier(info)
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    np.random.seed(cfg.seed % 2**32)
+    __import__("random").seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
+
+    loader = make_loader(cfg.shards, cfg.batch_size, train=True, backend=cfg.loader_backend, augment=cfg.augment,
+                         crop_padding=cfg.crop_padding, flip=cfg.flip, seed=cfg.seed, rank=info.rank,
+                         world_size=info.world_size, device=device, num_workers=cfg.num_workers)
+    manifest = loader.manifest
+    img = manifest.image
+    spec = model_spec(cfg.arch, manifest.num_classes, img["channels"], img["height"])
+    bare = build_model(**spec).to(device)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
+        bare = bare.to(memory_format=torch.channels_last)
+    steps_per_epoch = min(len(loader), cfg.limit_batches) if cfg.limit_batches else len(loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{cfg.shards}: {loader.num_samples} samples per process make no batch of {cfg.batch_size}")
+    optimizer = make_optimizer(bare.parameters(), cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+
+    start_epoch = 0
+    if cfg.resume:
+        ckpt = load_checkpoint(run, map_location=device)
+        if ckpt.get("shards_fingerprint") != manifest.fingerprint:
+            raise CheckpointError(f"{ckpt['path']}: trained on other shards than {cfg.shards} (fingerprint differs)")
+        if ckpt["model_spec"] != spec:
+            raise CheckpointError(f"{ckpt['path']}: model {ckpt['model_spec']} does not match {spec}")
+        bare.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start_epoch = int(ckpt["epoch"])
+
+    model = bare
+    if info.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(bare, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    method = Method.from_config(cfg)
+    dtype = amp_dtype(cfg, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run / "config.json", cfg.to_dict())
+        _trim_metrics(run / "metrics.jsonl", start_epoch)
+        print(f"sat-train fit: {cfg.method} on {manifest.root} ({manifest.num_samples} samples, {manifest.num_classes} "
+              f"classes, {img['height']}x{img['width']}x{img['channels']}) -> {run}\n"
+              f"  {cfg.arch}, {info.world_size} process(es) on {device}, batch {cfg.batch_size}/process "
+              f"(global {cfg.batch_size * info.world_size}), {steps_per_epoch} steps/epoch, loader {loader.backend}, "
+              f"amp {dtype}, epochs {start_epoch}->{cfg.epochs}\nconfig:\n{cfg.pretty()}", file=sys.stderr)
+
+    history, t_train = [], 0.0
+    last_epoch = cfg.epochs if not cfg.stop_after_epochs else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
+    for epoch in range(start_epoch, last_epoch):
+        p = cfg.sat_p if cfg.sat_p is not None else curriculum_p(epoch, cfg.sat_a)
+        loader.set_epoch(epoch)
+        gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, epoch, info.rank))
+        coin = torch.Generator().manual_seed(_seed(cfg.seed, epoch, 1 << 20))  # same on every rank
+        stats = run_epoch(model, bare, loader, method, optimizer, scheduler, scaler, autocast, p, gen, coin, cfg,
+                          steps_per_epoch, channels_last, info, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        t_train += stats["epoch_time_s"]
+        row = {"epoch": epoch, "p": p, **stats}
+        history.append(row)
+        if main:
+            save_checkpoint(checkpoint_path(run), {
+                "model": bare.state_dict(), "model_spec": spec, "config": cfg.to_dict(), "epoch": epoch + 1,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                "classes": list(manifest.classes), "shards_fingerprint": manifest.fingerprint,
+                "satpipe_version": sat_train.__version__})
+            with open(run / "metrics.jsonl", "a") as f:  # after the checkpoint: a line never outlives its weights
+                f.write(json.dumps(row) + "\n")
+        D.barrier(info)
+    loader.close()
+    summary = _summary(cfg, manifest, run, _read_metrics(run / "metrics.jsonl") if main else history, info, last_epoch)
+    if main and last_epoch == cfg.epochs:
+        atomic_write_json(run / "summary.json", summary)
+    if main:
+        _print_summary(summary, stopped=last_epoch < cfg.epochs)
+    return summary
+
+
+def run_epoch(model, bare, loader, method, optimizer, scheduler, scaler, autocast, p, gen, coin, cfg, steps,
+              channels_last, info, desc) -> dict:
+    from tqdm import tqdm
+
+    model.train()
+    device = info.device
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss*n, n, input-correct, clean-correct, clean-n
+    kinds: dict[str, int] = {}
+    bar = tqdm(total=steps, desc=desc, disable=not (cfg.progress and info.is_main), leave=True, file=sys.stderr,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for i, (x, s, y) in enumerate(loader):
+        if i >= steps:
+            break
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            out = method.step(model, bare, x, s, y, p=p, generator=gen, coin=coin)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out.loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        kinds[out.perturbation] = kinds.get(out.perturbation, 0) + 1
+        with torch.no_grad():
+            n = len(y)
+            clean = out.clean_logits
+            if clean is None and i % cfg.clean_acc_every == 0:
+                # clean accuracy of the model being trained: eval mode, so no BN statistics move
+                was = bare.training
+                bare.eval()
+                with autocast():
+                    clean = bare(x)
+                bare.train(was)
+            batch = torch.stack([out.loss.detach().double() * n, torch.tensor(n, dtype=torch.float64, device=device),
+                                 (out.train_logits.argmax(1) == y).sum().double(),
+                                 (clean.argmax(1) == y).sum().double() if clean is not None else _zero(device),
+                                 torch.tensor(n if clean is not None else 0, dtype=torch.float64, device=device)])
+            sums += batch
+        if info.is_main and cfg.progress and (i % 10 == 0 or i == steps - 1):
+            v = sums.tolist()  # one device sync every 10 steps, not every step
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{v[0] / v[1]:.4f}", acc=f"{v[3] / max(v[4], 1):.3f}",
+                            img_s=f"{v[1] * info.world_size / max(elapsed, 1e-9):.0f}")
+        bar.update(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    D.all_reduce_sum(sums, info)
+    loss_n, n, input_correct, clean_correct, clean_n = sums.tolist()
+    return {"loss": loss_n / n, "train_acc": clean_correct / max(clean_n, 1), "input_acc": input_correct / n,
+            "lr": optimizer.param_groups[0]["lr"], "images_per_s": n / elapsed, "epoch_time_s": elapsed,
+            "images": int(n), "perturbations": kinds}
+
+
+def _zero(device):
+    return torch.zeros((), dtype=torch.float64, device=device)
+
+
+def _trim_metrics(path: Path, start_epoch: int) -> None:
+    """On resume, drop lines of epochs after the checkpoint (a crash between the two writes)."""
+    if path.exists():
+        keep = [r for r in _read_metrics(path) if r["epoch"] < start_epoch]
+        atomic_write_json_lines(path, keep)
+
+
+def atomic_write_json_lines(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _summary(cfg, manifest, run, rows, info, epochs_done) -> dict:
+    last = rows[-1] if rows else {}
+    train_time = sum(r["epoch_time_s"] for r in rows)
+    images = sum(r.get("images", 0) for r in rows)
+    mcfg = manifest.raw.get("config", {})
+    return {"method": cfg.method, "arch": cfg.arch, "run": str(run), "shards": str(manifest.root),
+            "saliency_source": mcfg.get("saliency"), "epochs": epochs_done,
+            "epochs_planned": cfg.epochs, "train_time_s": train_time, "images_per_s": images / train_time if train_time else 0.0,
+            "final_loss": last.get("loss"), "final_train_acc": last.get("train_acc"), "final_input_acc": last.get("input_acc"),
+            "final_p": last.get("p"), "world_size": info.world_size, "device": str(info.device),
+            "shards_fingerprint": manifest.fingerprint, "satpipe_version": sat_train.__version__}
+
+
+def _print_summary(s: dict, stopped: bool) -> None:
+    head = f"stopped after epoch {s['epochs']} of {s['epochs_planned']} (resume with --resume)" if stopped else "done"
+    fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [f"sat-train fit: {head}",
+             f"  run            {s['run']}",
+             f"  method         {s['method']} ({s['arch']}), saliency {fmt(s['saliency_source'])}",
+             f"  epochs         {s['epochs']}/{s['epochs_planned']}  on {s['world_size']} x {s['device']}",
+             f"  train time     {s['train_time_s']:.1f} s   ({s['images_per_s']:.0f} images/s)",
+             f"  final loss     {fmt(s['final_loss'])}   clean train acc {fmt(s['final_train_acc'])}"
+             f"   acc on trained inputs {fmt(s['final_input_acc'])}   p {fmt(s['final_p'])}"]
+    print("\n".join(lines), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    info = None
+    try:
+        explicit = parse_argv(argv, description=__doc__)
+        if explicit.get("resume"):
+            run = Path(explicit.get("run") or "")
+            if not explicit.get("run"):
+                raise ConfigError("--resume needs --run RUN (the folder of the run to continue)")
+            explicit = resume_values(explicit, load_saved(run / "config.json"))
+        cfg = from_dict(explicit, "flags")
+        info = D.setup(cfg.device)
+        fit(cfg, info)
+        return 0
+    except USER_ERRORS as e:  # a user's mistake: one line, no traceback
+        print(f"sat-train fit: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if info is not None:
+            D.teardown(info)

@@ -1,0 +1,166 @@
+"""Training objectives: what one batch (x, S, y) turns into before the optimizer step.
+
+All inputs are images in [0, 1] (normalization is inside the model), eps in pixel units.
+
+- standard    CE(f(x), y)
+- sat         CE(f(x'), y), x' = clamp(x - eps * (w S + (1 - w) r), 0, 1), w ~ Bernoulli(p) per element
+              (or per pixel), p = 1 - a^(epoch/10) (Mangla et al. 2020); fused kernel kernels.sat_perturb
+- pgd         CE(f(x_pgd), y), Madry et al. 2018: random start, `pgd_steps` steps of `pgd_alpha`
+- sat+pgd     per batch a coin with P(heads) = mix_prob: heads x', tails x_pgd (the paper's combination)
+- trades      CE(f(x), y) + beta * KL(f(x) || f(x_adv)) / N, inner max of the same KL (Zhang et al. 2019)
+- sat+trades  the same coin: heads x' takes the place of TRADES' inner maximization, tails the real one
+- fgsm-rs     Wong et al. 2020: delta ~ U(-eps, eps), one FGSM step of fgsm_alpha * eps, clip to the ball
+
+BatchNorm mode while crafting the attack (attack_bn="auto" follows each method's reference code):
+pgd and fgsm-rs attack the model in TRAIN mode (Madry's and Wong's code build the attack on the
+training graph: batch statistics, running stats updated by the attack passes too); trades attacks in
+EVAL mode (Zhang et al.'s code calls model.eval() for the inner max, then model.train()). Override
+with attack_bn="train" | "eval". SAT needs no gradient and no forward pass for its perturbation.
+
+Attacks always run on the bare module (not the DistributedDataParallel wrapper): an input-gradient
+is local to each process and must not trigger DDP's gradient all-reduce.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.sat_perturb import sat_perturb
+from sat_train.attacks import input_grad, pgd, project_linf
+
+METHODS = ("standard", "sat", "pgd", "sat+pgd", "trades", "sat+trades", "fgsm-rs")
+ATTACK_BN_MODES = ("auto", "train", "eval")
+LITERATURE_BN = {"pgd": "train", "sat+pgd": "train", "fgsm-rs": "train", "trades": "eval", "sat+trades": "eval"}
+
+
+def curriculum_p(epoch: int, a: float = 0.6) -> float:
+    """SAT's probability of the saliency direction at `epoch` (counted from 0): p = 1 - a^(epoch/10)."""
+    return 1.0 - a ** (epoch / 10.0)
+
+
+def kl_sum(logits_adv: torch.Tensor, probs_clean: torch.Tensor) -> torch.Tensor:
+    """sum over the batch of KL(probs_clean || softmax(logits_adv)): TRADES' loss (size_average=False)."""
+    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), probs_clean, reduction="sum")
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # scalar to backpropagate
+    train_logits: torch.Tensor  # logits of the inputs the model was trained on (for "input accuracy")
+    clean_logits: torch.Tensor | None  # logits of the clean batch when the objective computed them anyway
+    perturbation: str  # "clean" | "sat" | "pgd" | "trades" | "fgsm-rs"
+
+
+@contextlib.contextmanager
+def bn_mode(module: torch.nn.Module, mode: str):
+    """Run a block with the module in train or eval mode, restoring the previous mode after."""
+    was_training = module.training
+    module.train(mode == "train")
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class Method:
+    """One training objective with its hyper-parameters; `step` is called once per batch.
+
+    `model` is what the training forward goes through (maybe DDP-wrapped, compiled), `bare` the plain
+    module the attacks use. `generator` drives the per-process random draws, `coin` (same seed on every
+    process) the per-batch choice of sat+pgd / sat+trades, so all processes take the same branch."""
+
+    def __init__(self, name: str, *, eps: float = 8 / 255, sat_per_pixel: bool = False, mix_prob: float = 0.5,
+                 pgd_steps: int = 7, pgd_alpha: float = 2 / 255, trades_beta: float = 6.0, trades_steps: int = 10,
+                 fgsm_alpha: float = 1.25, attack_bn: str = "auto", label_smoothing: float = 0.0):
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        if attack_bn not in ATTACK_BN_MODES:
+            raise ValueError(f"attack_bn must be one of {ATTACK_BN_MODES}, not {attack_bn!r}")
+        self.name = name
+        self.eps, self.sat_per_pixel, self.mix_prob = eps, sat_per_pixel, mix_prob
+        self.pgd_steps, self.pgd_alpha = pgd_steps, pgd_alpha
+        self.trades_beta, self.trades_steps, self.fgsm_alpha = trades_beta, trades_steps, fgsm_alpha
+        self.attack_bn = LITERATURE_BN.get(name, "train") if attack_bn == "auto" else attack_bn
+        self.label_smoothing = label_smoothing
+
+    @classmethod
+    def from_config(cls, cfg) -> "Method":
+        return cls(cfg.method, eps=cfg.eps, sat_per_pixel=cfg.sat_per_pixel, mix_prob=cfg.mix_prob,
+                   pgd_steps=cfg.pgd_steps, pgd_alpha=cfg.pgd_alpha, trades_beta=cfg.trades_beta,
+                   trades_steps=cfg.trades_steps, fgsm_alpha=cfg.fgsm_alpha, attack_bn=cfg.attack_bn,
+                   label_smoothing=cfg.label_smoothing)
+
+    @property
+    def trains_on_clean(self) -> bool:
+        """True when every step computes clean logits anyway (clean accuracy comes for free)."""
+        return self.name in ("standard", "trades", "sat+trades")
+
+    def ce(self, logits, y):
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+
+    # ------------------------------------------------------------------------- perturbations
+
+    def sat(self, x, s, p, generator):
+        return sat_perturb(x, s, self.eps, p, generator=generator, per_pixel=self.sat_per_pixel)
+
+    def pgd(self, bare, x, y, generator):
+        with bn_mode(bare, self.attack_bn):
+            return pgd(bare, x, y, self.eps, self.pgd_alpha, self.pgd_steps, random_start=True, generator=generator)
+
+    def fgsm_rs(self, bare, x, y, generator):
+        delta = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * self.eps
+        x_start = (x + delta).clamp_(0.0, 1.0)  # Wong et al. clamp x + delta into the image box
+        with bn_mode(bare, self.attack_bn):
+            g = input_grad(bare, x_start, y)
+        return project_linf(x_start + self.fgsm_alpha * self.eps * g.sign(), x, self.eps).detach()
+
+    def trades_inner(self, bare, x, generator):
+        """Zhang et al.'s inner maximization: start at x + 0.001 N(0, 1), signed steps on the KL."""
+        with bn_mode(bare, self.attack_bn):
+            with torch.no_grad():
+                probs = F.softmax(bare(x).float(), dim=1)
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x_adv = project_linf(x + 0.001 * noise, x, self.eps)
+            for _ in range(self.trades_steps):
+                g = input_grad(bare, x_adv, probs, kl_sum)
+                x_adv = project_linf(x_adv + self.pgd_alpha * g.sign(), x, self.eps)
+        return x_adv.detach()
+
+    # ------------------------------------------------------------------------- one batch
+
+    def step(self, model, bare, x, s, y, *, p: float, generator: torch.Generator | None,
+             coin: torch.Generator | None) -> StepResult:
+        name = self.name
+        if name in ("sat+pgd", "sat+trades"):
+            heads = bool(torch.rand(1, generator=coin).item() < self.mix_prob)
+            base = name.split("+")[1]
+            name = ("sat" if base == "pgd" else "trades-sat") if heads else base
+        if name == "standard":
+            logits = model(x)
+            return StepResult(self.ce(logits, y), logits, logits, "clean")
+        if name in ("sat", "pgd", "fgsm-rs"):
+            if name == "sat":
+                x_train = self.sat(x, s, p, generator)
+            elif name == "pgd":
+                x_train = self.pgd(bare, x, y, generator)
+            else:
+                x_train = self.fgsm_rs(bare, x, y, generator)
+            x_train = x_train.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else x_train
+            logits = model(x_train)
+            return StepResult(self.ce(logits, y), logits, None, name)
+        # trades / trades with the SAT point in place of the inner maximization
+        x_adv = self.sat(x, s, p, generator) if name == "trades-sat" else self.trades_inner(bare, x, generator)
+        if _is_channels_last(x):
+            x_adv = x_adv.contiguous(memory_format=torch.channels_last)
+        logits = model(x)
+        logits_adv = model(x_adv)
+        robust = kl_sum(logits_adv, F.softmax(logits.float(), dim=1)) / len(x)
+        loss = self.ce(logits, y) + self.trades_beta * robust
+        return StepResult(loss, logits_adv, logits, "sat" if name == "trades-sat" else "trades")
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

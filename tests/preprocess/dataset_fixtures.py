@@ -144,7 +144,9 @@ def object_photo(rng, h: int, w: int, box: tuple[int, int, int, int]) -> np.ndar
 
 def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 95) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    ok, buf = cv2.imencode(path.suffix or ".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    ext = path.suffix.lower() or ".jpg"
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(ext, np.ascontiguousarray(rgb[..., ::-1]), params)
     assert ok
     path.write_bytes(buf.tobytes())
     return path
@@ -192,3 +194,35 @@ def voc_xml(filename: str, w: int, h: int, objects: list[dict]) -> str:
                      f"\t\t\t<xmax>{x1}</xmax>\n\t\t\t<ymax>{y1}</ymax>\n\t\t</bndbox>\n\t</object>\n")
     parts.append("</annotation>\n")
     return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- Tiny ImageNet
+
+def write_tinyimagenet(root: Path, wnids: list[str], per_class: int = 3, val: int = 4, seed: int = 0) -> dict:
+    """tiny-imagenet-200 layout with 64x64 JPEGs; returns {relative image path: (label, [x0, y0, x1, y1])}."""
+    rng = np.random.default_rng(seed)
+    truth = {}
+    (root).mkdir(parents=True, exist_ok=True)
+    (root / "wnids.txt").write_text("".join(f"{w}\n" for w in wnids))
+    (root / "words.txt").write_text("".join(f"{w}\tname of {w}, synonym\n" for w in wnids) + "n99999999\tunused\n")
+    for label, w in enumerate(wnids):
+        lines = []
+        for i in range(per_class):
+            x0, y0 = (int(v) for v in rng.integers(0, 30, 2))
+            x1, y1 = x0 + int(rng.integers(10, 33)), y0 + int(rng.integers(10, 33))
+            name = f"{w}_{i}.JPEG"
+            write_jpeg(root / "train" / w / "images" / name, object_photo(rng, 64, 64, (x0, y0, x1 + 1, y1 + 1)))
+            lines.append(f"{name}\t{x0}\t{y0}\t{x1}\t{y1}\n")
+            truth[f"train/{w}/images/{name}"] = (label, [x0, y0, x1, y1])
+        (root / "train" / w / f"{w}_boxes.txt").write_text("".join(lines))
+    lines = []
+    for i in range(val):
+        label = i % len(wnids)
+        x0, y0, x1, y1 = 5, 6, 40, 50
+        name = f"val_{i}.JPEG"
+        write_jpeg(root / "val" / "images" / name, object_photo(rng, 64, 64, (x0, y0, x1 + 1, y1 + 1)))
+        lines.append(f"{name}\t{wnids[label]}\t{x0}\t{y0}\t{x1}\t{y1}\n")
+        truth[f"val/images/{name}"] = (label, [x0, y0, x1, y1])
+    (root / "val" / "val_annotations.txt").write_text("".join(lines))
+    write_jpeg(root / "test" / "images" / "test_0.JPEG", object_photo(rng, 64, 64, (0, 0, 10, 10)))
+    return truth

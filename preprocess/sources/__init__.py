@@ -11,6 +11,14 @@ from preprocess.sources.base import RawSample, Shape, Skip, Source, SourceError,
 
 SOURCES: dict[str, str] = {
     "coco": "preprocess.sources.coco:CocoSource",
+    "fashion-mnist": "preprocess.sources.idx_mnist:FashionMnistSource",
+    "mnist": "preprocess.sources.idx_mnist:MnistSource",
+    "cifar10": "preprocess.sources.cifar:Cifar10Source",
+    "cifar100": "preprocess.sources.cifar:Cifar100Source",
+    "class-folders": "preprocess.sources.class_folders:ClassFolderSource",
+    "tinyimagenet": "preprocess.sources.tinyimagenet:TinyImageNetSource",
+    "mask-folders": "preprocess.sources.mask_folders:MaskFolderSource",
+    "voc": "preprocess.sources.voc:VocSource",
 }
 
 

@@ -145,8 +145,8 @@ class Cifar10Source(Source):
     variant = "cifar10"
     channels = 3
     units = ("image",)
-    default_size = CIFAR_SIDE
-    default_image_format = "raw"
+    # BuildConfig values for flags the user did not give: native size, raw pixels, one sample per image
+    config_defaults = {"unit": "image", "size": CIFAR_SIDE, "image_format": "raw"}
 
     @dataclass
     class Options:

@@ -107,6 +107,7 @@ class ClassFolderSource(Source):
     name = "class-folders"
     channels = 3
     units = ("image",)
+    config_defaults = {"unit": "image"}  # for flags the user did not give
 
     @dataclass
     class Options:

@@ -133,8 +133,8 @@ class FashionMnistSource(Source):
     channels = 1
     units = ("image",)
     class_names = FASHION_MNIST_CLASSES
-    default_size = 28
-    default_image_format = "raw"
+    # BuildConfig values for flags the user did not give: native size, raw pixels, one sample per image
+    config_defaults = {"unit": "image", "size": 28, "image_format": "raw"}
 
     @dataclass
     class Options:

@@ -200,6 +200,7 @@ class MaskFolderSource(Source):
     has_masks = True
     has_boxes = True
     units = ("image",)
+    config_defaults = {"unit": "image"}  # for flags the user did not give
 
     @dataclass
     class Options:

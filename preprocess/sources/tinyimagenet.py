@@ -196,7 +196,7 @@ class TinyImageNetSource(Source):
     channels = 3
     has_boxes = True
     units = ("image", "object")
-    default_size = 64
+    config_defaults = {"unit": "image", "size": 64}  # for flags the user did not give
 
     def __init__(self, cfg):
         super().__init__(cfg)

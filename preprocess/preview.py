@@ -1,0 +1,151 @@
+"""`preprocess preview`: a PNG grid of samples from a shard set, to look at before spending GPU hours.
+
+    preprocess preview shards/fashion-mnist/train --out preview.png --n 16
+
+Per sample three panels: the image, its saliency as a heat map (-1 blue ... +1 red, 0 = the
+middle colour: "unknown" / `--saliency none`), and the heat map over the image; the class name
+and index are the title. Samples are the first N in shard order (builds shuffle at write time,
+so they already mix classes). Reads the tars with `shards.format.iter_tar_samples` only.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from shards.format import (LABEL_EXT, SALIENCY_EXT, ShardFormatError, check_shard_files, decode_label,
+                           iter_tar_samples, read_manifest, tmp_name, uint8_to_saliency)
+
+PANEL_INCHES = 1.4
+DPI = 100
+
+
+class PreviewError(Exception):
+    """A user-facing problem (bad folder, damaged shard, unwritable output); one line, exit 2."""
+
+
+def decode_sample(sample: dict, image_info: dict) -> tuple[np.ndarray, np.ndarray, int]:
+    """(image HxW or HxWx3 uint8 RGB, saliency HxW float in [-1, 1], label) of one shard sample."""
+    import cv2
+
+    fmt, key = image_info["format"], sample.get("__key__", "?")
+    for ext in (fmt, SALIENCY_EXT):
+        if ext not in sample:
+            raise PreviewError(f"sample {key!r} has no .{ext} component")
+    if fmt == "raw":
+        h, w, c = image_info["height"], image_info["width"], image_info["channels"]
+        if len(sample["raw"]) != h * w * c:
+            raise PreviewError(f"sample {key!r}: raw image has {len(sample['raw'])} bytes, manifest says {h}x{w}x{c}")
+        img = np.frombuffer(sample["raw"], np.uint8).reshape((h, w, c) if c > 1 else (h, w))
+    else:
+        img = cv2.imdecode(np.frombuffer(sample[fmt], np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise PreviewError(f"sample {key!r}: .{fmt} image does not decode")
+        if img.ndim == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    sal = cv2.imdecode(np.frombuffer(sample[SALIENCY_EXT], np.uint8), cv2.IMREAD_GRAYSCALE)
+    if sal is None:
+        raise PreviewError(f"sample {key!r}: .{SALIENCY_EXT} does not decode")
+    label = decode_label(sample[LABEL_EXT]) if LABEL_EXT in sample else int(sample.get("cls", b"-1"))
+    return img, uint8_to_saliency(sal), label
+
+
+def first_samples(root: str | os.PathLike, n: int):
+    """(manifest, [(key, image, saliency, label)]) for the first n samples of a checked shard set."""
+    manifest = read_manifest(root)
+    problems = check_shard_files(manifest)
+    if problems:  # a truncated tar would show garbage or stop half-way: name it instead
+        raise PreviewError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+    out = []
+    for tar in manifest.tar_paths():
+        for sample in iter_tar_samples(tar):
+            img, sal, label = decode_sample(sample, manifest.image)
+            out.append((sample["__key__"], img, sal, label))
+            if len(out) >= n:
+                return manifest, out
+    return manifest, out
+
+
+def render_grid(samples, classes: list[str], out: Path, cols: int | None = None, title: str = "") -> tuple[int, int]:
+    """Draw the grid and write it to `out` atomically (temp name, then rename); returns (width, height)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on build machines
+    import matplotlib.pyplot as plt
+
+    n = len(samples)
+    groups = cols or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / groups)
+    fig, axes = plt.subplots(rows, 3 * groups, figsize=(3 * groups * PANEL_INCHES, rows * (PANEL_INCHES + 0.25)),
+                             dpi=DPI, squeeze=False)
+    heat = plt.get_cmap("coolwarm")
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (key, img, sal, label) in enumerate(samples):
+        r, c = divmod(i, groups)
+        a_img, a_sal, a_ovl = axes[r, 3 * c: 3 * c + 3]
+        grey = img.ndim == 2
+        rgb = np.repeat(img[..., None], 3, axis=2) if grey else img
+        name = classes[label] if 0 <= label < len(classes) else "?"
+        a_img.imshow(img, cmap="gray" if grey else None, vmin=0, vmax=255, interpolation="nearest")
+        a_img.set_title(f"{name} ({label})", fontsize=7)
+        a_sal.imshow(sal, cmap=heat, vmin=-1.0, vmax=1.0, interpolation="nearest")
+        a_sal.set_title("saliency", fontsize=6)
+        # overlay: the heat map blended over the image where salient (s > 0), image alone elsewhere
+        colour = heat((sal + 1.0) / 2.0)[..., :3]
+        alpha = np.clip(sal, 0.0, 1.0)[..., None] * 0.6
+        a_ovl.imshow((rgb / 255.0) * (1 - alpha) + colour * alpha, interpolation="nearest")
+        a_ovl.set_title(key[:18], fontsize=5)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(out)
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        plt.close(fig)
+    w, h = fig.get_size_inches() * DPI
+    return int(round(w)), int(round(h))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="preprocess preview", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dir", help="shard set folder (with manifest.json)")
+    ap.add_argument("--out", required=True, help="PNG file to write")
+    ap.add_argument("--n", type=int, default=16, help="number of samples (default: 16)")
+    ap.add_argument("--cols", type=int, default=0, help="samples per row (default: about sqrt(n))")
+    args = ap.parse_args(argv)
+    if not 1 <= args.n <= 400:
+        print(f"preprocess preview: --n must be in [1, 400], got {args.n}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:
+        manifest, samples = first_samples(args.dir, args.n)
+        if not samples:
+            raise PreviewError(f"{args.dir}: the shard set holds no samples")
+        info = manifest.image
+        kind = (manifest.raw.get("saliency") or {}).get("kind")
+        title = (f"{args.dir}: {len(samples)} of {manifest.num_samples} samples, {info['width']}x{info['height']}"
+                 f"x{info['channels']} {info['format']}" + (f", saliency {kind}" if kind else ""))
+        size = render_grid(samples, manifest.classes, out, args.cols or None, title)
+    except (PreviewError, ShardFormatError) as e:
+        print(f"preprocess preview: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"preprocess preview: {out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({size[0]}x{size[1]} px, {len(samples)} samples from {args.dir})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

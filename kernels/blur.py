@@ -52,40 +52,51 @@ def reflect101_index(n, radius):
 
 
 @njit(cache=True)
-def blur_into(src, weights, out):
-    """out (H, W) float32 = separable blur of src (H, W, any real dtype) with 1-D weights, reflect-101.
+def _column_pass(src, weights, out, idx):
+    """out (H, W) float32 = 1-D blur of src along axis 0 with symmetric weights; idx from reflect101_index.
 
-    Row pass into a scratch image, then column pass; both accumulate over the kernel taps in the
-    outer loop so the inner loop runs over contiguous pixels (vectorises)."""
-    height, width = src.shape
+    Whole rows are accumulated into a local buffer, tap pair by tap pair, so the inner loop runs over
+    contiguous memory and vectorises (a per-pixel loop over taps ran ~3x slower)."""
+    height, width = out.shape
     ks = weights.shape[0]
     r = ks // 2
+    acc = np.empty(width, np.float32)
+    for y in range(height):
+        centre = src[idx[y + r]]
+        wc = weights[r]
+        for x in range(width):
+            acc[x] = wc * np.float32(centre[x])
+        for k in range(r):  # mirrored taps share one multiply (a Gaussian is symmetric)
+            wk = weights[k]
+            top = src[idx[y + k]]
+            bottom = src[idx[y + ks - 1 - k]]
+            for x in range(width):
+                acc[x] += wk * (np.float32(top[x]) + np.float32(bottom[x]))
+        row = out[y]
+        for x in range(width):
+            row[x] = acc[x]
+
+
+@njit(cache=True)
+def blur_into(src, weights, out):
+    """out (H, W) float32 = separable blur of src (H, W, any real dtype) with symmetric 1-D weights, reflect-101.
+
+    Column pass, transpose, column pass, transpose back: both passes then walk contiguous rows.
+    (cv2 filters rows first; the order only changes float rounding, ~1e-7.)"""
+    height, width = src.shape
+    ks = weights.shape[0]
     if ks == 1:
         for y in range(height):
             for x in range(width):
                 out[y, x] = np.float32(src[y, x])
         return out
-    xi = reflect101_index(width, r)
-    yi = reflect101_index(height, r)
+    r = ks // 2
     tmp = np.empty((height, width), np.float32)
-    padded = np.empty(width + 2 * r, np.float32)
-    for y in range(height):
-        for q in range(width + 2 * r):
-            padded[q] = np.float32(src[y, xi[q]])
-        for x in range(width):
-            tmp[y, x] = 0
-        for k in range(ks):
-            wk = weights[k]
-            for x in range(width):
-                tmp[y, x] += wk * padded[x + k]
-    for y in range(height):
-        for x in range(width):
-            out[y, x] = 0
-        for k in range(ks):
-            wk = weights[k]
-            row = yi[y + k]
-            for x in range(width):
-                out[y, x] += wk * tmp[row, x]
+    _column_pass(src, weights, tmp, reflect101_index(height, r))
+    tmp_t = np.ascontiguousarray(tmp.T)
+    out_t = np.empty((width, height), np.float32)
+    _column_pass(tmp_t, weights, out_t, reflect101_index(width, r))
+    out[:] = out_t.T
     return out
 
 

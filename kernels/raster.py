@@ -150,11 +150,18 @@ def _fill_or(tog, out):
 
 @njit(cache=True)
 def _rasterize_polygons(xy, ring_starts, ring_object, out):
+    """Returns False (out untouched) when ring_starts is not a rising 0..V offset list."""
     height, width = out.shape
-    out[:] = 0
     n_rings = ring_starts.shape[0] - 1
+    # validated here, not in the wrapper: numpy's diff/any cost more than the whole fill
+    if ring_starts[0] != 0 or ring_starts[n_rings] != xy.shape[0]:
+        return False
+    for r in range(n_rings):
+        if ring_starts[r + 1] < ring_starts[r]:
+            return False
+    out[:] = 0
     if n_rings <= 0:
-        return out
+        return True
     guard = float(max(height, width)) + 8.0
     bx0, by0, bx1, by1 = -guard, -guard, width + guard, height + guard
     tog = np.empty((height + 1, width), np.uint8)
@@ -168,7 +175,7 @@ def _rasterize_polygons(xy, ring_starts, ring_object, out):
             _add_ring(xy, ring_starts[r], ring_starts[r + 1], height, width, tog, bx0, by0, bx1, by1)
             i += 1
         _fill_or(tog, out)
-    return out
+    return True
 
 
 @njit(cache=True)
@@ -219,15 +226,16 @@ def rasterize_polygons(xy, ring_starts, ring_object, height: int, width: int, ou
     if height <= 0 or width <= 0:
         raise ValueError(f"mask size must be positive, got {height}x{width}")
     xy = np.ascontiguousarray(xy, dtype=np.float64).reshape(-1, 2)
-    ring_starts = np.ascontiguousarray(ring_starts, dtype=np.int64)
-    ring_object = np.ascontiguousarray(ring_object, dtype=np.int64)
+    ring_starts = np.ascontiguousarray(ring_starts, dtype=np.int64).reshape(-1)
+    ring_object = np.ascontiguousarray(ring_object, dtype=np.int64).reshape(-1)
     if ring_starts.size == 0:
         ring_starts = np.zeros(1, np.int64)
     if ring_object.shape[0] != ring_starts.shape[0] - 1:
         raise ValueError(f"ring_object has {ring_object.shape[0]} entries for {ring_starts.shape[0] - 1} rings")
-    if ring_starts[0] != 0 or ring_starts[-1] != xy.shape[0] or np.any(np.diff(ring_starts) < 0):
-        raise ValueError("ring_starts must rise from 0 to the number of vertices")
-    return _rasterize_polygons(xy, ring_starts, ring_object, _out_array(out, height, width))
+    out = _out_array(out, height, width)
+    if not _rasterize_polygons(xy, ring_starts, ring_object, out):
+        raise ValueError(f"ring_starts must rise from 0 to the number of vertices ({xy.shape[0]})")
+    return out
 
 
 def rasterize_boxes(boxes, height: int, width: int, out=None) -> np.ndarray:

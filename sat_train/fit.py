@@ -75,8 +75,9 @@ def amp_dtype(cfg: TrainConfig, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 
 
-def fit(cfg: TrainConfig, info: D.DistInfo | None = None) -> dict:
-    """Train as `cfg` says; returns the summary dict (rank 0 also writes it to RUN/summary.json)."""
+def fit(cfg: TrainConfig, info: D.DistInfo | None = None, return_model: bool = False):
+    """Train as `cfg` says; returns the summary dict (rank 0 also writes it to RUN/summary.json),
+    or (this process's bare model, summary) with return_model=True."""
     from sat_train.loader import make_loader
 
     info = info or D.DistInfo(device=D.resolve_device(cfg.device))
@@ -171,7 +172,7 @@ def fit(cfg: TrainConfig, info: D.DistInfo | None = None) -> dict:
         atomic_write_json(run / "summary.json", summary)
     if main:
         _print_summary(summary, stopped=last_epoch < cfg.epochs)
-    return summary
+    return (bare, summary) if return_model else summary
 
 
 def run_epoch(model, bare, loader, method, optimizer, scheduler, scaler, autocast, p, gen, coin, cfg, steps,

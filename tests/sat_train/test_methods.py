@@ -1,0 +1,130 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sat_train.methods import METHODS, Method, curriculum_p, kl_sum
+from sat_train.models import build_model
+
+EPS = 8 / 255
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and records every input and the train/eval mode it was called in."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append((x.detach().clone(), self.training))
+        return self.inner(x)
+
+
+def setup(seed=0, n=8):
+    torch.manual_seed(seed)
+    model = Recorder(build_model("tiny-cnn", 4, 3, 8))
+    x = torch.rand(n, 3, 8, 8)
+    s = torch.rand(n, 1, 8, 8) * 2 - 1
+    y = torch.randint(0, 4, (n,))
+    return model, x, s, y
+
+
+def gens(seed=0):
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+
+
+def test_curriculum_formula():
+    assert curriculum_p(0) == 0.0
+    for epoch in range(0, 60, 7):
+        assert curriculum_p(epoch) == pytest.approx(1 - 0.6 ** (epoch / 10))
+    assert curriculum_p(10) == pytest.approx(0.4) and curriculum_p(10, a=0.5) == pytest.approx(0.5)
+    assert all(curriculum_p(e) < curriculum_p(e + 1) < 1 for e in range(100))
+
+
+def test_sat_p1_is_saliency_step_p0_is_sign_noise():
+    model, x, s, y = setup()
+    g, c = gens()
+    out = Method("sat").step(model, model, x, s, y, p=1.0, generator=g, coin=c)
+    (seen, training), = model.calls
+    assert torch.equal(seen, torch.clamp(x - EPS * s, 0, 1)) and training and out.perturbation == "sat"
+    assert out.loss.item() == pytest.approx(F.cross_entropy(model.inner(seen), y).item(), rel=1e-6)
+    model.calls.clear()
+    Method("sat").step(model, model, x, s, y, p=0.0, generator=g, coin=c)
+    seen = model.calls[0][0]
+    assert ((seen == torch.clamp(x - EPS, 0, 1)) | (seen == torch.clamp(x + EPS, 0, 1))).all()
+
+
+def _in_ball(x_adv, x, eps=EPS):
+    return bool(((x_adv - x).abs() <= eps + 1e-6).all() and x_adv.min() >= 0 and x_adv.max() <= 1)
+
+
+@pytest.mark.parametrize("name,mode", [("pgd", True), ("fgsm-rs", True), ("trades", False)])
+def test_attacks_stay_in_ball_and_use_the_literature_bn_mode(name, mode):
+    model, x, s, y = setup()
+    g, c = gens()
+    out = Method(name).step(model, model, x, s, y, p=0.5, generator=g, coin=c)
+    assert model.training  # restored after the attack
+    attack_calls = model.calls[:-1] if name != "trades" else model.calls[:-2]
+    assert attack_calls and all(training == mode for _, training in attack_calls)
+    trained = model.calls[-1][0]
+    assert _in_ball(trained, x) and not torch.equal(trained, x) and out.perturbation == name
+    with torch.no_grad():
+        model.inner.eval()
+        # the attack raises the loss it maximizes compared with the clean input
+        if name == "trades":
+            p_clean = F.softmax(model.inner(x), 1)
+            assert kl_sum(model.inner(trained), p_clean) > kl_sum(model.inner(x), p_clean)
+        else:
+            assert F.cross_entropy(model.inner(trained), y) > F.cross_entropy(model.inner(x), y)
+
+
+def test_attack_bn_override():
+    model, x, s, y = setup()
+    g, c = gens()
+    Method("pgd", attack_bn="eval", pgd_steps=2).step(model, model, x, s, y, p=0.5, generator=g, coin=c)
+    assert [t for _, t in model.calls] == [False, False, True]
+
+
+def test_fgsm_rs_step_is_1_25_eps_from_the_random_start():
+    model, x, s, y = setup()
+    x = x * 0.5 + 0.25  # away from the image box so only the eps ball clips
+    g, c = gens()
+    Method("fgsm-rs").step(model, model, x, s, y, p=0.5, generator=g, coin=c)
+    start, trained = model.calls[0][0], model.calls[1][0]
+    assert ((start - x).abs() <= EPS + 1e-6).all()
+    moved = (trained - start).abs()
+    # each coordinate moved by 1.25 eps unless the eps-ball clipped it
+    assert ((moved - 1.25 * EPS).abs() < 1e-5).logical_or((trained - x).abs() >= EPS - 1e-6).all()
+
+
+def test_trades_beta0_is_clean_ce_and_loss_formula():
+    model, x, s, y = setup()
+    g, c = gens()
+    out = Method("trades", trades_beta=0.0, trades_steps=2).step(model, model, x, s, y, p=0.5, generator=g, coin=c)
+    assert out.loss.item() == pytest.approx(F.cross_entropy(out.clean_logits, y).item(), rel=1e-6)
+    out6 = Method("trades", trades_steps=2).step(model, model, x, s, y, p=0.5, generator=g, coin=c)
+    kl = kl_sum(out6.train_logits, F.softmax(out6.clean_logits, 1)) / len(x)
+    assert out6.loss.item() == pytest.approx((F.cross_entropy(out6.clean_logits, y) + 6 * kl).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name,other", [("sat+pgd", "pgd"), ("sat+trades", "trades")])
+def test_mixed_methods_flip_a_coin_per_batch(name, other):
+    model, x, s, y = setup(n=4)
+    kinds = []
+    g, c = gens()
+    for _ in range(16):
+        kinds.append(Method(name, pgd_steps=1, trades_steps=1).step(model, model, x, s, y, p=1.0, generator=g,
+                                                                     coin=c).perturbation)
+    assert set(kinds) == {"sat", other}
+    always = {Method(name, mix_prob=1.0, pgd_steps=1, trades_steps=1).step(model, model, x, s, y, p=1.0, generator=g,
+                                                                          coin=c).perturbation for _ in range(4)}
+    never = {Method(name, mix_prob=0.0, pgd_steps=1, trades_steps=1).step(model, model, x, s, y, p=1.0, generator=g,
+                                                                         coin=c).perturbation for _ in range(4)}
+    assert always == {"sat"} and never == {other}
+
+
+def test_all_methods_known_and_bad_name():
+    assert set(METHODS) == {"standard", "sat", "pgd", "sat+pgd", "trades", "sat+trades", "fgsm-rs"}
+    with pytest.raises(ValueError, match="unknown method"):
+        Method("mixup")

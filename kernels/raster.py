@@ -357,6 +357,34 @@ def _sat_at(sat, x, y):
     return top * (1 - fy) + bot * fy
 
 
+def _compressed_counts(counts: bytes) -> list[int]:
+    """Run lengths of a COCO compressed RLE string (pycocotools' rleFrString arithmetic).
+
+    Only used to validate: pycocotools decodes a string whose runs do not cover the image without
+    complaint and leaves the rest of the mask uninitialised (garbage), so the total is checked first."""
+    runs: list[int] = []
+    p = 0
+    while p < len(counts):
+        x = k = 0
+        more = True
+        while more:
+            if p >= len(counts):
+                raise ValueError("truncated compressed RLE counts")
+            c = counts[p] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"invalid character {chr(counts[p])!r} in compressed RLE counts")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
 def rle_to_mask(rle, crop_xyxy, out_h: int, out_w: int, mode: str = "area", min_coverage: float = 0.5,
                 out=None) -> np.ndarray:
     """COCO RLE -> uint8 (out_h, out_w) {0, 1} mask of the crop (x0, y0, x1, y1) in source pixels.
@@ -382,7 +410,10 @@ def rle_to_mask(rle, crop_xyxy, out_h: int, out_w: int, mode: str = "area", min_
                 raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, not {h}*{w}")
             compressed = mask_utils.frPyObjects({"size": [h, w], "counts": list(counts)}, h, w)
         else:
-            compressed = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
+            compressed = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else bytes(counts)}
+            runs = _compressed_counts(compressed["counts"])
+            if min(runs, default=0) < 0 or sum(runs) != h * w:
+                raise ValueError(f"compressed RLE runs cover {sum(runs)} pixels, not {h}*{w}")
         full = mask_utils.decode(compressed)
     except ValueError:
         raise

@@ -150,6 +150,8 @@ def test_rle_matches_anntomask_crop_resize(size):
         got = rle_to_mask(compressed, crop, size, size)
         assert got.shape == (size, size) and got.dtype == np.uint8
         np.testing.assert_array_equal(rle_to_mask(plain, crop, size, size), got)
+        as_json = {"size": compressed["size"], "counts": compressed["counts"].decode()}  # str, as in COCO files
+        np.testing.assert_array_equal(rle_to_mask(as_json, crop, size, size), got)
         ious_cv.append(iou(got, ref_cv))
         # the polygon path samples pixel centres, the RLE path area coverage: close, not identical
         ious_poly.append(iou(got, ref_poly))
@@ -249,3 +251,10 @@ def test_argument_errors_are_value_errors():
         rle_to_mask({"size": [4, 4], "counts": [16]}, (0, 0, 0, 4), 4, 4)
     with pytest.raises(ValueError, match="size"):
         rle_to_mask({"size": "big", "counts": [16]}, (0, 0, 4, 4), 4, 4)
+    # compressed strings whose runs do not cover the image (pycocotools would return garbage) or that
+    # hold characters outside its alphabet
+    for bad in ("0", "", "4", "zzzz", "1\x7f"):
+        with pytest.raises(ValueError, match="RLE"):
+            rle_to_mask({"size": [4, 4], "counts": bad}, (0, 0, 4, 4), 4, 4)
+    good = mask_utils.encode(np.asfortranarray(np.eye(4, dtype=np.uint8)))
+    assert rle_to_mask(good, (0, 0, 4, 4), 4, 4).tolist() == np.eye(4, dtype=np.uint8).tolist()

@@ -226,3 +226,32 @@ def write_tinyimagenet(root: Path, wnids: list[str], per_class: int = 3, val: in
     (root / "val" / "val_annotations.txt").write_text("".join(lines))
     write_jpeg(root / "test" / "images" / "test_0.JPEG", object_photo(rng, 64, 64, (0, 0, 10, 10)))
     return truth
+
+
+# ----------------------------------------------------------------------------- end-to-end builds
+
+def build_and_read(out: Path, *argv: str) -> tuple[dict, list[dict]]:
+    """Run `preprocess build-shards ... --out OUT` in-process, then `preprocess verify OUT`;
+    return (manifest, samples) with every sample's components decoded (image, sal, label, meta)."""
+    import json
+
+    from preprocess.cli import main
+    from shards.format import decode_label, iter_tar_samples, read_manifest
+
+    rc = main(["build-shards", *argv, "--out", str(out), "--no-progress"])
+    assert rc == 0, f"build-shards exited {rc}"
+    assert main(["verify", str(out)]) == 0
+    m = read_manifest(out)
+    fmt, info = m.image["format"], m.image
+    samples = []
+    for tar in m.tar_paths():
+        for s in iter_tar_samples(tar):
+            if fmt == "raw":
+                shape = (info["height"], info["width"]) + ((info["channels"],) if info["channels"] > 1 else ())
+                img = np.frombuffer(s["raw"], np.uint8).reshape(shape)
+            else:
+                img = cv2.imdecode(np.frombuffer(s[fmt], np.uint8), cv2.IMREAD_UNCHANGED)
+            sal = cv2.imdecode(np.frombuffer(s["sal.png"], np.uint8), cv2.IMREAD_GRAYSCALE)
+            samples.append({"key": s["__key__"], "image": img, "sal": sal, "label": decode_label(s["label.i64"]),
+                            "meta": json.loads(s["json"])})
+    return m.raw, samples

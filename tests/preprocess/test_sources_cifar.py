@@ -116,3 +116,29 @@ def test_wrong_layout_and_bad_files(tmp_path):
     with open(tb, "wb") as f:
         pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [1, 2]}, f)
     assert read_batch(tb)[1].tolist() == [1, 2]
+
+
+def test_build_cifar10_real_images_raw(tmp_path, foolbox):
+    imgs, labels = fx.foolbox_samples(foolbox, "cifar10")
+    fx.write_cifar10(tmp_path / "c10", (imgs, labels), (imgs[:2], labels[:2]))
+    manifest, samples = fx.build_and_read(tmp_path / "out", "cifar10", "--root", str(tmp_path / "c10"),
+                                          "--unit", "image", "--size", "32", "--image-format", "raw",
+                                          "--saliency", "none", "--shard-size", "8")
+    assert manifest["image"] == {"format": "raw", "height": 32, "width": 32, "channels": 3}
+    assert manifest["classes"][3] == "cat" and len(samples) == 20
+    for s in samples:  # exact pixels survive pickle -> shard
+        n = int(s["key"].split("_")[1])
+        np.testing.assert_array_equal(s["image"], imgs[n])
+        assert s["label"] == labels[n] and (s["sal"] == 128).all()
+
+
+def test_build_cifar100_skips_recorded_in_manifest(tmp_path, foolbox):
+    imgs, labels = fx.foolbox_samples(foolbox, "cifar100")
+    labels = labels.copy()
+    labels[2] = 100  # out of range for 100 classes
+    fx.write_cifar100(tmp_path / "c100", (imgs, labels), (imgs, labels))
+    manifest, samples = fx.build_and_read(tmp_path / "out", "cifar100", "--root", str(tmp_path / "c100"),
+                                          "--split", "test", "--unit", "image", "--size", "32",
+                                          "--image-format", "png", "--saliency", "foreground")
+    assert len(samples) == 19 and manifest["counts"]["skipped"] == {"label out of range": 1}
+    assert samples[0]["image"].shape == (32, 32, 3)

@@ -77,3 +77,12 @@ def test_wrong_layouts(folders, tmp_path):
     # no split folders: the root is the split asked for
     fx.write_jpeg(flat / "a" / "x.png", np.zeros((8, 8, 3), np.uint8))
     assert [it.data for it in ClassFolderSource(_cfg(flat, "test")).items()[0]] == [("a/x.png", 0)]
+
+
+def test_build_class_folders_val(folders, tmp_path):
+    manifest, samples = fx.build_and_read(tmp_path / "out", "class-folders", "--root", str(folders), "--split", "val",
+                                          "--unit", "image", "--size", "24", "--image-format", "jpg",
+                                          "--saliency", "foreground")
+    assert manifest["classes"] == ["cat", "dog", "fox"]
+    assert sorted((s["meta"]["source_id"], s["label"]) for s in samples) == [("cat/img0.jpg", 0), ("fox/img0.jpg", 2)]
+    assert samples[0]["image"].shape == (24, 24, 3)

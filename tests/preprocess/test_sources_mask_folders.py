@@ -165,3 +165,15 @@ def test_wrong_layouts(tmp_path, pets):
         MaskFolderSource(_cfg(pets, labels=""))
     with pytest.raises(SourceError, match="--mask-kind must be one of"):
         MaskFolderSource(_cfg(pets, mask_kind="heat"))
+
+
+def test_build_oxford_pets_trimaps(pets, tmp_path):
+    manifest, samples = fx.build_and_read(
+        tmp_path / "out", "mask-folders", "--root", str(pets), "--split", "trainval", "--unit", "image",
+        "--labels", "annotations/list.txt", "--label-base", "1", "--classes-file", "classes.txt",
+        "--size", "32", "--image-format", "png", "--saliency", "mask", "--sigma-frac", "0")
+    assert manifest["classes"] == ["Abyssinian", "beagle", "Bengal"] and len(samples) == 6
+    for s in samples:
+        assert s["image"].shape == (32, 32, 3)
+        assert {0, 255} <= set(np.unique(s["sal"]).tolist())
+    assert sorted(s["label"] for s in samples) == [0, 0, 1, 1, 2, 2]

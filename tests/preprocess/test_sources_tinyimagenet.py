@@ -102,3 +102,17 @@ def test_bad_lines_and_unmatched_files_are_recorded(tiny):
     fx.write_jpeg(root / "train" / WNIDS[0] / "images" / "extra.JPEG", np.zeros((64, 64, 3), np.uint8))
     items, skips = TinyImageNetSource(_cfg(root, "train")).items()
     assert [s.reason for s in skips] == ["image without a box"] and len(items) == 9
+
+
+def test_build_tinyimagenet_val_box_saliency(tiny, tmp_path):
+    root, truth = tiny
+    manifest, samples = fx.build_and_read(tmp_path / "out", "tinyimagenet", "--root", str(root), "--split", "val",
+                                          "--unit", "image", "--size", "32", "--image-format", "png",
+                                          "--saliency", "box", "--sigma-frac", "0")
+    assert manifest["classes"] == [f"name of {w}" for w in WNIDS] and len(samples) == 4
+    for s in samples:
+        label, (x0, y0, x1, y1) = truth[s["meta"]["source_id"]]
+        assert s["label"] == label
+        # 64 -> 32 px: the box (5..40, 6..50 inclusive) halves
+        assert s["sal"][y0 // 2 + 1:(y1 + 1) // 2 - 1, x0 // 2 + 1:(x1 + 1) // 2 - 1].min() == 255
+        assert s["sal"][30:, 25:].max() == 0

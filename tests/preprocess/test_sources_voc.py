@@ -131,3 +131,12 @@ def test_wrong_layout_and_bad_images(voc, tmp_path):
     fx.write_jpeg(voc / "JPEGImages" / "2007_000002.jpg", np.zeros((10, 10, 3), np.uint8))
     out = list(src.load(src.items()[0][1]))
     assert out[0].reason == "image size differs from annotation"
+
+
+def test_build_voc_objects_records_skips(voc, tmp_path):
+    manifest, samples = fx.build_and_read(tmp_path / "out", "voc", "--root", str(voc), "--unit", "object",
+                                          "--size", "32", "--image-format", "png", "--saliency", "mask")
+    assert manifest["classes"] == VOC_CLASSES
+    assert sorted(s["label"] for s in samples) == sorted([DOG, CAT])
+    assert manifest["counts"]["skipped"] == {"difficult object": 1, "malformed annotation": 1,
+                                             "unknown class name": 1, "missing annotation": 1}

@@ -44,7 +44,8 @@ def dali_available() -> bool:
 class Loader:
     """Common part of both backends: layout, epochs, length, and the final float conversion.
 
-    Subclasses implement `_uint8_batches(plan, epoch)` yielding (x uint8 NHWC, s uint8 NHW1, y, keys)."""
+    Subclasses implement `_batches(plan, epoch)` yielding (x NCHW, s N1HW, y, keys); x and s are uint8
+    or already float (see augment.py)."""
 
     backend = ""
 
@@ -78,14 +79,14 @@ class Loader:
 
     def __iter__(self):
         plan = epoch_plan(self.layout, self.seed, self.epoch)
-        for x, s, y, keys in self._uint8_batches(plan, self.epoch):
+        for x, s, y, keys in self._batches(plan, self.epoch):
             batch = to_model_inputs(x, s, y, self.device)
             yield (*batch, keys) if self.with_keys else batch
 
     def close(self) -> None:
         self._cleanup()
 
-    def _uint8_batches(self, plan, epoch):
+    def _batches(self, plan, epoch):
         raise TypeError(f"{type(self).__name__} is not a backend; use make_loader")
 
     def __repr__(self) -> str:

@@ -6,8 +6,11 @@ Definition (the DALI pipeline implements the same with `fn.slice(out_of_bounds_p
 Padding is 0 in uint8 for both: black image, saliency -1 ("not salient") -- padding holds no object.
 One set of draws is used for image and saliency, so they stay aligned pixel for pixel.
 
-Both backends hand uint8 NHWC batches to `to_model_inputs`, which makes the float tensors on the
-target device (after the copy: uint8 moves 4x fewer bytes than float).
+Both backends finish their batches in their own parallel workers (DALI's threads, DataLoader
+processes): NCHW layout, and on a CPU target also the float conversion, so the training process
+runs no torch op for the loader (on 2 cores, its OpenMP threads would spin against DALI's). For a
+CUDA target the torch backend ships uint8 (4x fewer bytes to copy) and `to_model_inputs` converts
+on the GPU. The conversions are x / 255 and s / 127.5 - 1 in float32 (= uint8_to_saliency).
 """
 from __future__ import annotations
 
@@ -35,12 +38,25 @@ def crop_flip(batch: np.ndarray, dy: np.ndarray, dx: np.ndarray, mirror: np.ndar
     return out
 
 
+def uint8_to_float(x: np.ndarray, saliency: bool) -> np.ndarray:
+    """float32 x / 255 (image) or s / 127.5 - 1 (saliency), in numpy for the DataLoader workers."""
+    out = x.astype(np.float32)
+    if saliency:
+        out /= np.float32(127.5)
+        out -= np.float32(1.0)
+    else:
+        out /= np.float32(255.0)
+    return out
+
+
 def to_model_inputs(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor, device: torch.device):
-    """uint8 NHWC image, uint8 NHW1 saliency, int labels -> (x [0,1] NCHW, s [-1,1] N1HW, y int64 N) on device."""
+    """NCHW image and N1HW saliency (uint8 or already float), labels -> (x [0,1], s [-1,1], y int64 N) on device."""
     non_blocking = device.type == "cuda"
-    x = x.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2)
-    s = s.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2)
-    x = x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-    s = s.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)  # = uint8_to_saliency
+    x = x.to(device, non_blocking=non_blocking)
+    s = s.to(device, non_blocking=non_blocking)
+    if x.dtype == torch.uint8:
+        x = x.to(torch.float32).div_(255.0)
+    if s.dtype == torch.uint8:
+        s = s.to(torch.float32).div_(127.5).sub_(1.0)
     y = y.reshape(-1).to(device, dtype=torch.int64, non_blocking=non_blocking)
     return x, s, y

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 
 from . import Loader
 from .plan import LoaderError
@@ -63,18 +62,22 @@ class DaliLoader(Loader):
                     dy = fn.random.uniform(values=offsets, dtype=types.INT32)
                     dx = fn.random.uniform(values=offsets, dtype=types.INT32)
                     start = fn.stack(dy, dx)  # one anchor for both branches
-                    x, s = (fn.slice(t, start, [h, w], axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
-                            for t in (x, s))
+                    # named arguments: DALI keeps argument inputs on the CPU, also for a GPU slice
+                    x, s = (fn.slice(t, start=start, shape=[h, w], axis_names="HW", out_of_bounds_policy="pad",
+                                     fill_values=0) for t in (x, s))
                 if self.flip:
                     coin = fn.random.coin_flip(dtype=types.INT32)  # one coin for both branches
                     x, s = fn.flip(x, horizontal=coin), fn.flip(s, horizontal=coin)
+            # finish in DALI's threads: NCHW float32, x / 255 and s / 127.5 - 1 (as augment.uint8_to_float)
+            x = fn.transpose(x, perm=[2, 0, 1]) / np.float32(255.0)
+            s = fn.transpose(s, perm=[2, 0, 1]) / np.float32(127.5) - np.float32(1.0)
             outputs = [x, s, label]
             if self.with_keys:  # "tar:offset:member" bytes, padded to one length per batch
                 outputs.append(fn.pad(fn.get_property(enc, key="source_info")))
             pipe.set_outputs(*outputs)
         return pipe
 
-    def _uint8_batches(self, plan, epoch):
+    def _batches(self, plan, epoch):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         entries, tars = self.shard_set.entries, self.manifest.tar_paths()
@@ -106,5 +109,3 @@ class DaliLoader(Loader):
             for idx in index_paths:
                 if os.path.exists(idx):
                     os.remove(idx)
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shards.format import LABEL_EXT, SALIENCY_EXT, decode_label
 
 from . import Loader
-from .augment import crop_flip, draw
+from .augment import crop_flip, draw, uint8_to_float
 from .plan import LoaderError, stripe_batches
 from .safety import sample_key
 
@@ -38,6 +38,7 @@ class _PlanDataset(IterableDataset):
         self.batch_size = loader.batch_size
         self.augment, self.padding, self.flip = loader.augment, loader.crop_padding, loader.flip
         self.seed, self.rank = loader.seed, loader.layout.rank
+        self.host_float = loader.device.type != "cuda"
 
     def __iter__(self):
         info = get_worker_info()
@@ -102,6 +103,9 @@ class _PlanDataset(IterableDataset):
         if self.augment:
             dy, dx, mirror = draw(rng, n, self.padding, self.flip)
             x, s = crop_flip(x, dy, dx, mirror, self.padding), crop_flip(s, dy, dx, mirror, self.padding)
+        x, s = (np.ascontiguousarray(a.transpose(0, 3, 1, 2)) for a in (x, s))  # NCHW here, in the worker
+        if self.host_float:  # CPU target: convert here too (see augment.py); CUDA target: on the GPU
+            x, s = uint8_to_float(x, saliency=False), uint8_to_float(s, saliency=True)
         return torch.from_numpy(x), torch.from_numpy(s), torch.from_numpy(y), [k for k, _ in chunk]
 
     def _image(self, data: bytes, key: str) -> np.ndarray:
@@ -129,7 +133,7 @@ class _PlanDataset(IterableDataset):
 class TorchLoader(Loader):
     backend = "torch"
 
-    def _uint8_batches(self, plan, epoch):
+    def _batches(self, plan, epoch):
         parts = stripe_batches(plan, self.batch_size, self.num_workers)
         loader = DataLoader(_PlanDataset(self, parts, epoch), batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda",

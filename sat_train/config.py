@@ -205,10 +205,12 @@ def build_parser(prog: str = "sat-train fit", description: str | None = None) ->
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint, default = _HINTS[f.name], getattr(defaults, f.name)
+        # --run-dir: torchrun's own parser takes `--run` for an abbreviation of its --run-path
+        flags = [flag, "--run-dir"] if f.name == "run" else [flag]
         if hint is bool:
-            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=f"(default {default})")
+            ap.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=f"(default {default})")
         else:
-            ap.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=f"(default {default!r})")
+            ap.add_argument(*flags, dest=f.name, metavar=f.name.upper(), help=f"(default {default!r})")
     return ap
 
 

@@ -3,7 +3,8 @@
     sat-train fit --shards shards/fashion-mnist/train --method sat --run runs/sat
     sat-train fit --config fit.toml --epochs 30                      # TOML keys = TrainConfig fields
     sat-train fit --run runs/sat --resume                            # continue from runs/sat/checkpoints/last.pt
-    torchrun --nproc_per_node 4 -m sat_train fit --shards ... --method sat --run runs/sat-4gpu
+    torchrun --nproc_per_node 4 -m sat_train fit --shards ... --method sat --run-dir runs/sat-4gpu
+    (under torchrun spell it --run-dir: torchrun's parser reads `--run` as its own --run-path)
 
 Multi-process: under torchrun every process trains a DistributedDataParallel replica on its 1/N of
 each epoch (nccl on CUDA, gloo on CPU). --batch-size is per process (global = N x batch size) and

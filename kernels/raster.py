@@ -1,8 +1,8 @@
 """Object masks at the OUTPUT resolution: polygons and boxes (Numba scanline fill), COCO RLE (pycocotools).
 
 Pixel convention = pycocotools' (`frPyObjects` + `decode`, i.e. COCO's `annToMask`): pixel (r, c)
-covers [c, c+1) x [r, r+1) and is set when its centre lies inside the outline. pycocotools gets there
-by a scheme of its own (`rleFrPoly` in `common/maskApi.c`): vertices rounded onto a 1/5-pixel grid,
+covers [c, c+1) x [r, r+1) and is set when its centre lies inside the outline (up to a 1/5-pixel
+rounding). pycocotools gets there by a scheme of its own (`rleFrPoly` in `common/maskApi.c`): vertices rounded onto a 1/5-pixel grid,
 the outline walked point by point on that grid, every crossing of a column's centre line turned into a
 "toggle from this row on". We replay exactly that walk (same integer rounding, same tie rules), but
 write the toggles into an (H+1, W) grid and fill by a running XOR down each column instead of building
@@ -12,10 +12,9 @@ that size pixel for pixel; the only difference is the hole rule:
 * pycocotools: one RLE per ring, `annToMask` takes the union (a ring inside another does NOT cut a hole);
 * here: the toggles of all rings of one object are XORed (even-odd rule, holes work), objects are unioned.
 
-Rings with fewer than 3 points or with a non-finite coordinate are ignored (`polygon_rings` reports
-them so the caller can record the skip). Rings reaching absurdly far outside the image (more than
-one image size beyond it) are first clipped to a guard rectangle (Sutherland-Hodgman) so the walk's
-cost stays bounded by the image size; inside the image this changes nothing visible.
+Rings with < 3 points or a non-finite coordinate are ignored (`polygon_rings` reports them). Rings
+reaching more than an image size outside are first clipped to a guard rectangle (Sutherland-Hodgman)
+so the walk's cost stays bounded by the image size; inside the image this changes nothing visible.
 
 Run the tests: `python -m pytest -q tests/kernels/test_raster.py`
 """
@@ -39,17 +38,13 @@ def _walk_ring(px, py, n, height, width, tog):
     replaces its u/v arrays (the point list is only ever read pairwise in order)."""
     s5 = float(_SCALE)
     have_prev = False
-    pu = 0
-    pv = 0
+    pu = pv = 0
     for j in range(n):
         k = j + 1 if j + 1 < n else 0
         # C's (int)(x + .5) truncates toward zero; numba's int() does the same
-        xs = int(s5 * px[j] + 0.5)
-        ys = int(s5 * py[j] + 0.5)
-        xe = int(s5 * px[k] + 0.5)
-        ye = int(s5 * py[k] + 0.5)
-        dx = abs(xe - xs)
-        dy = abs(ys - ye)
+        xs, ys = int(s5 * px[j] + 0.5), int(s5 * py[j] + 0.5)
+        xe, ye = int(s5 * px[k] + 0.5), int(s5 * py[k] + 0.5)
+        dx, dy = abs(xe - xs), abs(ys - ye)
         flip = (dx >= dy and xs > xe) or (dx < dy and ys > ye)
         if flip:
             xs, xe = xe, xs
@@ -78,8 +73,7 @@ def _walk_ring(px, py, n, height, width, tog):
                     elif yd > height:
                         yd = float(height)
                     tog[int(math.ceil(yd)), int(xd)] ^= 1
-            pu = cu
-            pv = cv
+            pu, pv = cu, cv
             have_prev = True
 
 
@@ -94,13 +88,11 @@ def _clip_half(sx, sy, n, dx, dy, axis, bound, keep_below):
         in_i = ai <= bound if keep_below else ai >= bound
         in_j = aj <= bound if keep_below else aj >= bound
         if in_i:
-            dx[m] = sx[i]
-            dy[m] = sy[i]
+            dx[m], dy[m] = sx[i], sy[i]
             m += 1
         if in_i != in_j:
             f = (bound - ai) / (aj - ai)
-            dx[m] = sx[i] + f * (sx[j] - sx[i])
-            dy[m] = sy[i] + f * (sy[j] - sy[i])
+            dx[m], dy[m] = sx[i] + f * (sx[j] - sx[i]), sy[i] + f * (sy[j] - sy[i])
             m += 1
     return m
 
@@ -113,8 +105,7 @@ def _add_ring(xy, a, b, height, width, tog, bx0, by0, bx1, by1):
         return
     far = False
     for i in range(a, b):
-        x = xy[i, 0]
-        y = xy[i, 1]
+        x, y = xy[i, 0], xy[i, 1]
         if not (math.isfinite(x) and math.isfinite(y)):
             return
         if x < bx0 or x > bx1 or y < by0 or y > by1:
@@ -122,13 +113,10 @@ def _add_ring(xy, a, b, height, width, tog, bx0, by0, bx1, by1):
     if not far:
         _walk_ring(xy[a:b, 0], xy[a:b, 1], n, height, width, tog)
         return
-    cap = 2 * n + 8  # each pass adds at most one vertex per edge crossing
-    ax = np.empty(cap)
-    ay = np.empty(cap)
-    bx = np.empty(cap)
-    by = np.empty(cap)
-    ax[:n] = xy[a:b, 0]
-    ay[:n] = xy[a:b, 1]
+    # a pass at most doubles the vertex count (one crossing per edge): room for all four passes
+    cap = 16 * n + 8
+    ax, ay, bx, by = np.empty(cap), np.empty(cap), np.empty(cap), np.empty(cap)
+    ax[:n], ay[:n] = xy[a:b, 0], xy[a:b, 1]
     m = _clip_half(ax, ay, n, bx, by, 0, bx0, False)
     m = _clip_half(bx, by, m, ax, ay, 0, bx1, True)
     m = _clip_half(ax, ay, m, bx, by, 1, by0, False)
@@ -185,10 +173,8 @@ def _rasterize_boxes(boxes, out):
     tog = np.empty((height + 1, width), np.uint8)
     quad = np.empty((4, 2))
     for i in range(boxes.shape[0]):
-        x0 = max(boxes[i, 0], 0.0)
-        y0 = max(boxes[i, 1], 0.0)
-        x1 = min(boxes[i, 2], float(width))
-        y1 = min(boxes[i, 3], float(height))
+        x0, y0 = max(boxes[i, 0], 0.0), max(boxes[i, 1], 0.0)
+        x1, y1 = min(boxes[i, 2], float(width)), min(boxes[i, 3], float(height))
         # NaN fails every comparison, so `not (a < b)` also drops NaN boxes
         if not (x0 < x1 and y0 < y1):
             continue
@@ -204,6 +190,13 @@ def _rasterize_boxes(boxes, out):
 
 
 # ----------------------------------------------------------------------------- public API
+
+def _check_size(height, width):
+    height, width = int(height), int(width)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"mask size must be positive, got {height}x{width}")
+    return height, width
+
 
 def _out_array(out, height, width):
     if out is None:
@@ -222,9 +215,7 @@ def rasterize_polygons(xy, ring_starts, ring_object, height: int, width: int, ou
     ring_object: int (R,) object id of each ring. Even-odd within an object, union across objects.
     Rings with < 3 points or a NaN/inf coordinate are ignored. `out` (uint8, C order) is reused if given.
     """
-    height, width = int(height), int(width)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"mask size must be positive, got {height}x{width}")
+    height, width = _check_size(height, width)
     xy = np.ascontiguousarray(xy, dtype=np.float64).reshape(-1, 2)
     ring_starts = np.ascontiguousarray(ring_starts, dtype=np.int64).reshape(-1)
     ring_object = np.ascontiguousarray(ring_object, dtype=np.int64).reshape(-1)
@@ -243,9 +234,7 @@ def rasterize_boxes(boxes, height: int, width: int, out=None) -> np.ndarray:
 
     Boxes are clipped to the image; empty or NaN boxes are ignored. A box is rasterized exactly as
     pycocotools rasterizes a bbox (the 4-point polygon), so it matches `frPyObjects([x, y, w, h])`."""
-    height, width = int(height), int(width)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"mask size must be positive, got {height}x{width}")
+    height, width = _check_size(height, width)
     boxes = np.ascontiguousarray(boxes, dtype=np.float64).reshape(-1, 4)
     return _rasterize_boxes(boxes, _out_array(out, height, width))
 
@@ -271,29 +260,21 @@ def polygon_rings(segmentation) -> tuple[np.ndarray, np.ndarray, list[tuple[int,
             bad.append((i, "non-finite coordinate"))
         else:
             rings.append(a.reshape(-1, 2))
-    starts = np.zeros(len(rings) + 1, np.int64)
-    if rings:
-        starts[1:] = np.cumsum([len(r) for r in rings])
-        xy = np.concatenate(rings)
-    else:
-        xy = np.zeros((0, 2), np.float64)
-    return xy, starts, bad
+    starts = np.concatenate([np.zeros(1, np.int64), np.cumsum([len(r) for r in rings], dtype=np.int64)])
+    return (np.concatenate(rings) if rings else np.zeros((0, 2))), starts, bad
 
 
 def pack_objects(objects) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[(xy, ring_starts), ...] one per object (as from polygon_rings) -> (xy, ring_starts, ring_object)
     for rasterize_polygons; object ids are the list positions."""
-    xys, starts, owners = [], [np.zeros(1, np.int64)], []
-    base = 0
+    xys, starts, owners, base = [np.zeros((0, 2))], [np.zeros(1, np.int64)], [np.zeros(0, np.int64)], 0
     for obj, (xy, rs) in enumerate(objects):
-        xy = np.asarray(xy, np.float64).reshape(-1, 2)
+        xys.append(np.asarray(xy, np.float64).reshape(-1, 2))
         rs = np.asarray(rs, np.int64)
-        xys.append(xy)
         starts.append(rs[1:] + base)
         owners.append(np.full(len(rs) - 1, obj, np.int64))
-        base += xy.shape[0]
-    xy = np.concatenate(xys) if xys else np.zeros((0, 2), np.float64)
-    return xy, np.concatenate(starts), (np.concatenate(owners) if owners else np.zeros(0, np.int64))
+        base += xys[-1].shape[0]
+    return np.concatenate(xys), np.concatenate(starts), np.concatenate(owners)
 
 
 # ----------------------------------------------------------------------------- RLE
@@ -326,9 +307,7 @@ def _resample_mask(mask, x0, y0, sx, sy, min_cov, nearest, out):
         for xx in range(cx0, cx1):
             run += 1.0 if mask[yy, xx] != 0 else 0.0
             sat[yy - cy0 + 1, xx - cx0 + 1] = sat[yy - cy0, xx - cx0 + 1] + run
-    sh = cy1 - cy0
-    sw = cx1 - cx0
-    area = sx * sy
+    sh, sw, area = cy1 - cy0, cx1 - cx0, sx * sy
     for r in range(out_h):
         ya = min(max(y0 + r * sy - cy0, 0.0), float(sh))
         yb = min(max(y0 + (r + 1) * sy - cy0, 0.0), float(sh))
@@ -344,24 +323,19 @@ def _resample_mask(mask, x0, y0, sx, sy, min_cov, nearest, out):
 @njit(cache=True)
 def _sat_at(sat, x, y):
     """Summed-area table at a fractional point (bilinear; x, y already clamped to the table)."""
-    sh = sat.shape[0] - 1
-    sw = sat.shape[1] - 1
+    sh, sw = sat.shape[0] - 1, sat.shape[1] - 1
     ix = min(int(x), sw - 1) if sw > 0 else 0
     iy = min(int(y), sh - 1) if sh > 0 else 0
-    fx = x - ix
-    fy = y - iy
-    ix1 = min(ix + 1, sw)
-    iy1 = min(iy + 1, sh)
+    fx, fy = x - ix, y - iy
+    ix1, iy1 = min(ix + 1, sw), min(iy + 1, sh)
     top = sat[iy, ix] * (1 - fx) + sat[iy, ix1] * fx
     bot = sat[iy1, ix] * (1 - fx) + sat[iy1, ix1] * fx
     return top * (1 - fy) + bot * fy
 
 
 def _compressed_counts(counts: bytes) -> list[int]:
-    """Run lengths of a COCO compressed RLE string (pycocotools' rleFrString arithmetic).
-
-    Only used to validate: pycocotools decodes a string whose runs do not cover the image without
-    complaint and leaves the rest of the mask uninitialised (garbage), so the total is checked first."""
+    """Run lengths of a COCO compressed RLE string (rleFrString's arithmetic), to validate it first:
+    pycocotools decodes runs that do not cover the image silently, leaving the rest uninitialised."""
     runs: list[int] = []
     p = 0
     while p < len(counts):
@@ -375,8 +349,7 @@ def _compressed_counts(counts: bytes) -> list[int]:
                 raise ValueError(f"invalid character {chr(counts[p])!r} in compressed RLE counts")
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)
-            p += 1
-            k += 1
+            p, k = p + 1, k + 1
             if not more and c & 0x10:
                 x |= -1 << (5 * k)
         if len(runs) > 2:
@@ -406,15 +379,16 @@ def rle_to_mask(rle, crop_xyxy, out_h: int, out_w: int, mode: str = "area", min_
     counts = rle["counts"]
     try:
         if isinstance(counts, (list, tuple)):
-            if sum(int(c) for c in counts) != h * w:
-                raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, not {h}*{w}")
-            compressed = mask_utils.frPyObjects({"size": [h, w], "counts": list(counts)}, h, w)
+            runs = [int(c) for c in counts]
         else:
-            compressed = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else bytes(counts)}
-            runs = _compressed_counts(compressed["counts"])
-            if min(runs, default=0) < 0 or sum(runs) != h * w:
-                raise ValueError(f"compressed RLE runs cover {sum(runs)} pixels, not {h}*{w}")
-        full = mask_utils.decode(compressed)
+            raw = counts.encode() if isinstance(counts, str) else bytes(counts)
+            runs = _compressed_counts(raw)
+        if h < 0 or w < 0 or min(runs, default=0) < 0 or sum(runs) != h * w:
+            raise ValueError(f"RLE runs cover {sum(runs)} pixels (or one is negative), not {h}*{w}")
+        if isinstance(counts, (list, tuple)):
+            full = mask_utils.decode(mask_utils.frPyObjects({"size": [h, w], "counts": runs}, h, w))
+        else:
+            full = mask_utils.decode({"size": [h, w], "counts": raw})
     except ValueError:
         raise
     except Exception as e:  # pycocotools raises bare Exceptions/TypeErrors on garbage counts
@@ -424,6 +398,6 @@ def rle_to_mask(rle, crop_xyxy, out_h: int, out_w: int, mode: str = "area", min_
         raise ValueError(f"crop must be finite x0 < x1, y0 < y1, got {crop_xyxy!r}")
     if mode not in ("area", "nearest"):
         raise ValueError(f"mode must be 'area' or 'nearest', got {mode!r}")
-    out_h, out_w = int(out_h), int(out_w)
+    out_h, out_w = _check_size(out_h, out_w)
     return _resample_mask(full, x0, y0, (x1 - x0) / out_w, (y1 - y0) / out_h, float(min_coverage),
                           mode == "nearest", _out_array(out, out_h, out_w))

@@ -245,7 +245,7 @@ def test_argument_errors_are_value_errors():
         rasterize_boxes(np.zeros((1, 4)), 0, 16)
     with pytest.raises(ValueError, match="RLE must be a dict"):
         rle_to_mask([1, 2], (0, 0, 4, 4), 4, 4)
-    with pytest.raises(ValueError, match="sum to"):
+    with pytest.raises(ValueError, match="runs cover"):
         rle_to_mask({"size": [4, 4], "counts": [3, 2]}, (0, 0, 4, 4), 4, 4)
     with pytest.raises(ValueError, match="crop"):
         rle_to_mask({"size": [4, 4], "counts": [16]}, (0, 0, 0, 4), 4, 4)

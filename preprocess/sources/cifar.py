@@ -3,6 +3,8 @@
     CIFAR-10   <root>[/cifar-10-batches-py]/data_batch_1..5, test_batch, batches.meta
     CIFAR-100  <root>[/cifar-100-python]/train, test, meta
 
+Splits train and test; val only with --val-size N (the last N train records, removed from train).
+
 Each batch is a pickled dict with bytes keys: b"data" (N x 3072 uint8, row-major, the 1024 red
 values then green then blue of a 32x32 image), b"labels" (CIFAR-10) or b"fine_labels" and
 b"coarse_labels" (CIFAR-100), b"filenames". Class names live in batches.meta (b"label_names")
@@ -113,8 +115,7 @@ def cifar_classes(root: Path, variant: str, label_type: str = "fine") -> list[st
 def batch_files(root: Path, variant: str, split: str) -> list[Path]:
     splits = LAYOUTS[variant]["splits"]
     if split not in splits:
-        raise CifarFormatError(f"{root}: {variant} has splits {sorted(splits)}, not {split!r} "
-                               "(carve a validation set out of train with --limit or a class folder copy)")
+        raise CifarFormatError(f"{root}: {variant} has splits {sorted(splits)}, not {split!r}")
     paths = [root / n for n in splits[split]]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
@@ -152,11 +153,16 @@ class Cifar10Source(Source):
     class Options:
         limit: int = field(default=0, metadata={"help": "use only the first N records of the split (0 = all)"})
         label_type: str = field(default="fine", metadata={"help": "CIFAR-100 only: fine (100 classes) or coarse (20)"})
+        val_size: int = field(default=0, metadata={
+            "help": "hold out the last N train records as split 'val' (give the same N to the train build)"})
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if self.options.limit < 0:
-            raise SourceError(f"{self.name}: --limit must be >= 0, got {self.options.limit}")
+        if self.options.limit < 0 or self.options.val_size < 0:
+            raise SourceError(f"{self.name}: --limit and --val-size must be >= 0")
+        if cfg.split == "val" and not self.options.val_size:
+            raise SourceError(f"{self.name}: no val batches; hold out train records with --val-size N "
+                              "(and build train with the same --val-size)")
         if not cfg.root:
             raise SourceError(f"{self.name}: --root DIR (the unpacked python-version folder) is required")
         if self.variant == "cifar10" and self.options.label_type != "fine":
@@ -164,7 +170,7 @@ class Cifar10Source(Source):
         try:
             self.key = label_key(self.variant, self.options.label_type)
             self.root = find_cifar_root(cfg.root, self.variant)
-            self.paths = batch_files(self.root, self.variant, cfg.split)
+            self.paths = batch_files(self.root, self.variant, "train" if cfg.split == "val" else cfg.split)
             self._classes = cifar_classes(self.root, self.variant, self.options.label_type)
         except CifarFormatError as e:
             raise SourceError(str(e)) from None
@@ -181,7 +187,7 @@ class Cifar10Source(Source):
     def fingerprint(self) -> dict:
         files = self.paths + [self.root / LAYOUTS[self.variant]["meta"]]
         return {"files": [p.name for p in files], "sha256": [sha256_file(p) for p in files],
-                "label_type": self.options.label_type, "limit": self.options.limit}
+                "label_type": self.options.label_type, "limit": self.options.limit, "val_size": self.options.val_size}
 
     def _read(self):
         if self._batches is None:
@@ -191,15 +197,26 @@ class Cifar10Source(Source):
                 raise SourceError(str(e)) from None
         return self._batches
 
+    def _range(self, total: int) -> tuple[int, int]:
+        """Records [start, stop) (numbered across the split's batches) that form this split."""
+        o, split = self.options, self.cfg.split
+        start, stop = 0, total
+        if o.val_size and split in ("train", "val"):
+            if o.val_size >= total:
+                raise SourceError(f"{self.root}: --val-size {o.val_size} leaves no training records ({total} in train)")
+            start, stop = (total - o.val_size, total) if split == "val" else (0, total - o.val_size)
+        return start, (min(stop, start + o.limit) if o.limit else stop)
+
     def items(self) -> tuple[list[WorkItem], list[Skip]]:
         items, skips, n = [], [], 0
-        limit = self.options.limit or None
-        for b, (_, labels, names) in enumerate(self._read()):
+        batches = self._read()
+        start, stop = self._range(sum(len(labels) for _, labels, _ in batches))
+        for b, (_, labels, names) in enumerate(batches):
             for row, label in enumerate(labels.tolist()):
-                if limit is not None and n >= limit:
-                    break
                 item_id = f"{self.cfg.split}_{n:05d}"
                 n += 1
+                if not start <= n - 1 < stop:
+                    continue
                 if not 0 <= label < len(self._classes):
                     skips.append(Skip(item_id, "label out of range",
                                       f"{self.paths[b]}: record {row} ({names[row]}) has label {label}"))

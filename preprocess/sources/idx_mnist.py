@@ -3,6 +3,9 @@
     <root>/train-images-idx3-ubyte[.gz]  train-labels-idx1-ubyte[.gz]     (split train)
     <root>/t10k-images-idx3-ubyte[.gz]   t10k-labels-idx1-ubyte[.gz]      (split test)
 
+Split val exists only with the source option --val-size N: the last N records of the train files
+(train is then the records before them), so validation data never overlaps training data.
+
 (`train-images.idx3-ubyte`, as some mirrors name them, is accepted too.) IDX is a big-endian header
 (2 zero bytes, a type code, the number of dims, one uint32 per dim) followed by the values.
 The whole image file is read at once: 60k x 28 x 28 bytes is 47 MB, and a numpy view over it
@@ -139,14 +142,20 @@ class FashionMnistSource(Source):
     @dataclass
     class Options:
         limit: int = field(default=0, metadata={"help": "use only the first N records of the split (0 = all)"})
+        val_size: int = field(default=0, metadata={
+            "help": "hold out the last N train records as split 'val' (give the same N to the train build)"})
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if self.options.limit < 0:
-            raise SourceError(f"{self.name}: --limit must be >= 0, got {self.options.limit}")
+        o = self.options
+        if o.limit < 0 or o.val_size < 0:
+            raise SourceError(f"{self.name}: --limit and --val-size must be >= 0")
+        if cfg.split == "val" and not o.val_size:
+            raise SourceError(f"{self.name}: no val files; hold out train records with --val-size N "
+                              "(and build train with the same --val-size)")
         self.root = Path(cfg.root or DEFAULT_ROOTS[self.name])
         try:
-            self.paths = find_idx_pair(self.root, cfg.split)
+            self.paths = find_idx_pair(self.root, "train" if cfg.split == "val" else cfg.split)
             dtype, dims, _ = read_idx_header(self.paths[0])
             _, ldims, _ = read_idx_header(self.paths[1])
         except IdxFormatError as e:
@@ -155,7 +164,17 @@ class FashionMnistSource(Source):
             raise SourceError(f"{self.paths[0]}: expected an N x H x W ubyte image file, got {dtype} {dims}")
         if len(ldims) != 1 or ldims[0] != dims[0]:
             raise SourceError(f"{self.paths[1]}: {ldims[0] if ldims else 0} labels for {dims[0]} images in {self.paths[0].name}")
-        self.count = dims[0] if not self.options.limit else min(dims[0], self.options.limit)
+        # records [start, stop) of the files form this split; --limit keeps the first N of them
+        total = dims[0]
+        if o.val_size and cfg.split in ("train", "val"):
+            if o.val_size >= total:
+                raise SourceError(f"{self.paths[0]}: --val-size {o.val_size} leaves no training records (file has {total})")
+            self.start, self.stop = (total - o.val_size, total) if cfg.split == "val" else (0, total - o.val_size)
+        else:
+            self.start, self.stop = 0, total
+        if o.limit:
+            self.stop = min(self.stop, self.start + o.limit)
+        self.count = self.stop - self.start
         self._images = None  # read lazily, once per worker process (see _arrays); never pickled
 
     def __getstate__(self):
@@ -168,23 +187,23 @@ class FashionMnistSource(Source):
 
     def fingerprint(self) -> dict:
         return {"files": [p.name for p in self.paths], "sha256": [sha256_file(p) for p in self.paths],
-                "records": self.count}
+                "records": [self.start, self.stop]}
 
     def _arrays(self) -> np.ndarray:
         if self._images is None:
             try:
-                self._images = read_idx(self.paths[0], self.count)
+                self._images = read_idx(self.paths[0], self.stop)
             except IdxFormatError as e:
                 raise SourceError(str(e)) from None
         return self._images
 
     def items(self) -> tuple[list[WorkItem], list[Skip]]:
         try:
-            labels = read_idx(self.paths[1], self.count)
+            labels = read_idx(self.paths[1], self.stop)
         except IdxFormatError as e:
             raise SourceError(str(e)) from None
         items, skips = [], []
-        for i, label in enumerate(labels.tolist()):
+        for i, label in enumerate(labels.tolist()[self.start:], start=self.start):
             if not 0 <= label < len(self.class_names):
                 skips.append(Skip(f"{self.cfg.split}_{i:05d}", "label out of range",
                                   f"{self.paths[1]}: record {i} has label {label}"))

@@ -81,6 +81,13 @@ def test_labels_out_of_range_and_limit(tmp_path):
     items, skips = limited.items()
     assert [it.id for it in items] == ["train_00000", "train_00001", "train_00002", "train_00003"]
     assert len(skips) == 1
+    # --val-size: the last N train records (across batches) become val, disjoint from train
+    val = Cifar10Source(_cfg("cifar10", tmp_path, split="val", val_size=7))
+    train = Cifar10Source(_cfg("cifar10", tmp_path, val_size=7))
+    val_rows = [it.data[:2] for it in val.items()[0]]
+    train_rows = [it.data[:2] for it in train.items()[0]]
+    assert len(val_rows) == 7 and len(train_rows) == 21  # records 4 and 20 (bad labels) are in train
+    assert not set(val_rows) & set(train_rows) and val_rows[-1] == (4, 5)  # data_batch_5, last row
     # pickled to workers without the batches
     next(limited.load(items[0]))
     assert len(pickle.dumps(limited)) < 4096
@@ -95,7 +102,7 @@ def test_wrong_layout_and_bad_files(tmp_path):
     (root / "data_batch_3").unlink()
     with pytest.raises(SourceError, match="missing batch file.*data_batch_3"):
         Cifar10Source(_cfg("cifar10", tmp_path))
-    with pytest.raises(SourceError, match="splits.*not 'val'"):
+    with pytest.raises(SourceError, match="no val batches; hold out train records with --val-size"):
         Cifar10Source(_cfg("cifar10", tmp_path, split="val"))
     # truncated pickle
     tb = root / "test_batch"

@@ -89,6 +89,24 @@ def test_source_items_skip_labels_out_of_range(tmp_path):
     assert len(pickle.dumps(src)) < 4096
 
 
+def test_val_split_is_held_out_from_train(tmp_path):
+    imgs, labels = _digits(30, seed=5)
+    fx.write_mnist_folder(tmp_path, {"train": imgs}, {"train": labels})
+
+    def ids(split, **opts):
+        src = MnistSource(BuildConfig(source="mnist", root=str(tmp_path), split=split, unit="image",
+                                      source_options=opts))
+        return [it.data[0] for it in src.items()[0]]
+
+    with pytest.raises(SourceError, match="--val-size N"):
+        ids("val")
+    assert ids("val", val_size=8) == list(range(22, 30))
+    assert ids("train", val_size=8) == list(range(22))
+    assert ids("val", val_size=8, limit=3) == [22, 23, 24]
+    with pytest.raises(SourceError, match="leaves no training records"):
+        ids("train", val_size=30)
+
+
 @pytest.mark.skipif(not REAL.is_dir(), reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_real_fashion_mnist_default_root():
     src = FashionMnistSource(BuildConfig(source="fashion-mnist", split="test", unit="image",
@@ -106,7 +124,7 @@ def test_real_fashion_mnist_default_root():
     with gzip.open(REAL / "train-labels-idx1-ubyte.gz") as f:
         assert f.read(8) == b"\x00\x00\x08\x01\x00\x00\xea\x60"
     fp = src.fingerprint()
-    assert fp["records"] == 500 and len(fp["sha256"]) == 2
+    assert fp["records"] == [0, 500] and len(fp["sha256"]) == 2
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason="real Fashion-MNIST not installed")

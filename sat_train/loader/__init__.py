@@ -16,10 +16,7 @@ reads them (safety.py); problems raise `LoaderError` with a one-line message nam
 """
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
-import weakref
 
 import torch
 
@@ -59,8 +56,6 @@ class Loader:
         self.device = device
         self.num_workers = num_workers
         self.with_keys = with_keys
-        self._tmp = tempfile.mkdtemp(prefix="satpipe-loader-")  # per-epoch DALI index files
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
 
     @property
     def num_samples(self) -> int:
@@ -84,7 +79,7 @@ class Loader:
             yield (*batch, keys) if self.with_keys else batch
 
     def close(self) -> None:
-        self._cleanup()
+        """Release what the backend holds between epochs (safe to call twice)."""
 
     def _batches(self, plan, epoch):
         raise TypeError(f"{type(self).__name__} is not a backend; use make_loader")

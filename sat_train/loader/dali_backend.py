@@ -11,6 +11,9 @@ sample feed both the image and the saliency branch. On CUDA the decoded pixels s
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import weakref
 
 import numpy as np
 
@@ -29,6 +32,14 @@ def _write_index(path: str, entries) -> None:
 
 class DaliLoader(Loader):
     backend = "dali"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tmp = tempfile.mkdtemp(prefix="satpipe-loader-")  # per-epoch DALI index files
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)
+
+    def close(self) -> None:
+        self._cleanup()
 
     def _pipeline_seed(self, epoch: int) -> int:
         state = np.random.SeedSequence([self.seed, epoch, self.layout.rank, 2]).generate_state(1)[0]
@@ -81,9 +92,12 @@ class DaliLoader(Loader):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         entries, tars = self.shard_set.entries, self.manifest.tar_paths()
+        # own folder per pass: an abandoned pass (a `break`, cleaned up later) never shares files with a new one
+        os.makedirs(self._tmp, exist_ok=True)  # a /tmp cleaner may have removed it between epochs
+        folder = tempfile.mkdtemp(prefix=f"r{self.layout.rank}-e{epoch}-", dir=self._tmp)
         paths, index_paths = [], []
         for i, seg in enumerate(plan):
-            idx = os.path.join(self._tmp, f"r{self.layout.rank}-e{epoch}-{i:05d}.idx")
+            idx = os.path.join(folder, f"{i:05d}.idx")
             _write_index(idx, [entries[seg.shard][o] for o in seg.ordinals])
             paths.append(str(tars[seg.shard]))
             index_paths.append(idx)
@@ -106,6 +120,4 @@ class DaliLoader(Loader):
             raise LoaderError(f"DALI failed reading {self.manifest.root}: {first}") from None
         finally:
             del it, pipe
-            for idx in index_paths:
-                if os.path.exists(idx):
-                    os.remove(idx)
+            shutil.rmtree(folder, ignore_errors=True)

@@ -12,11 +12,16 @@ Semantics (tested in tests/sat_train/test_loader_plan.py):
   ranks see the same number of full batches -- DDP needs that.
 * Evaluation (`shuffle=False`): shards and samples in manifest order, rank r gets the r-th slice of a
   near-even split (the first `N % W` ranks hold one sample more), nothing is dropped unless asked:
-  every sample exactly once over all ranks, in order.
+  every sample exactly once over all ranks, in order. Rank counts may then differ by one sample (so
+  by one batch): evaluation must not run a collective per batch; reduce totals after the loop.
+* Ranks split samples, not shards: fewer shards than ranks is fine (DALI reads part of a tar
+  through a per-epoch index). A layout in which some rank would get no batch at all is refused up
+  front with the same `LoaderError` on every rank, so no rank waits for another that never starts.
 
 Reading order is shard by shard (sequential I/O, which both DALI and webdataset want), so a batch
-holds samples of one or two shards: shards are expected to be written in a mixed order (the sample
-order inside a shard is shuffled here anyway).
+holds samples of one or two shards. That mixes well because `preprocess build-shards` makes each
+shard a random subset (items are shuffled across shards before writing); the order inside a shard
+is reshuffled here every epoch anyway.
 
 A plan is a list of `Segment(shard, ordinals)`: sample positions inside one tar, in read order.
 """

@@ -35,7 +35,19 @@ def sigma_px_for(shape, sigma_frac: float) -> float:
 
 
 @njit(cache=True)
+def _in_unit_range(mask):
+    """A {0, 255} mask passed by mistake would come out all salient: refuse it instead."""
+    for v in mask.ravel():
+        if not (v >= 0 and v <= 1):  # NaN fails too
+            return False
+    return True
+
+
+@njit(cache=True)
 def _saliency_f32(mask, sigma_px, out):
+    """Returns False (out untouched) when mask has values outside [0, 1]."""
+    if not _in_unit_range(mask):
+        return False
     blur_into(mask, gaussian_kernel(sigma_px), out)
     height, width = out.shape
     for y in range(height):
@@ -43,20 +55,21 @@ def _saliency_f32(mask, sigma_px, out):
             s = _TWO * out[y, x] - _ONE
             # normalised float32 weights can sum to 1 + eps: keep the documented range
             out[y, x] = min(max(s, -_ONE), _ONE)
-    return out
+    return True
 
 
 @njit(cache=True)
 def _saliency_u8(mask, sigma_px, out):
     height, width = out.shape
     soft = np.empty((height, width), np.float32)
-    _saliency_f32(mask, sigma_px, soft)
+    if not _saliency_f32(mask, sigma_px, soft):
+        return False
     for y in range(height):
         for x in range(width):
             # same float32 ops as shards.format.saliency_to_uint8: rint((s + 1) * 127.5), clip
             g = np.rint((soft[y, x] + _ONE) * _HALF_LEVELS)
             out[y, x] = np.uint8(min(max(g, np.float32(0.0)), np.float32(255.0)))
-    return out
+    return True
 
 
 def _check_mask(mask) -> np.ndarray:
@@ -68,6 +81,10 @@ def _check_mask(mask) -> np.ndarray:
     return mask
 
 
+def _range_error(mask) -> str:
+    return f"mask values must lie in [0, 1], got min {mask.min()}, max {mask.max()}"  # NaN shows as nan
+
+
 def mask_to_saliency(mask, sigma_frac: float, out=None) -> np.ndarray:
     """mask (H, W) uint8/float in [0, 1] -> float32 saliency in [-1, 1]: 2 * blur(mask) - 1.
 
@@ -77,7 +94,9 @@ def mask_to_saliency(mask, sigma_frac: float, out=None) -> np.ndarray:
         out = np.empty(mask.shape, np.float32)
     elif out.shape != mask.shape or out.dtype != np.float32:
         raise ValueError(f"out must be float32 of shape {mask.shape}")
-    return _saliency_f32(mask, sigma_px_for(mask.shape, sigma_frac), out)
+    if not _saliency_f32(mask, sigma_px_for(mask.shape, sigma_frac), out):
+        raise ValueError(_range_error(mask))
+    return out
 
 
 def mask_to_saliency_u8(mask, sigma_frac: float, out=None) -> np.ndarray:
@@ -87,7 +106,9 @@ def mask_to_saliency_u8(mask, sigma_frac: float, out=None) -> np.ndarray:
         out = np.empty(mask.shape, np.uint8)
     elif out.shape != mask.shape or out.dtype != np.uint8:
         raise ValueError(f"out must be uint8 of shape {mask.shape}")
-    return _saliency_u8(mask, sigma_px_for(mask.shape, sigma_frac), out)
+    if not _saliency_u8(mask, sigma_px_for(mask.shape, sigma_frac), out):
+        raise ValueError(_range_error(mask))
+    return out
 
 
 @njit(cache=True)

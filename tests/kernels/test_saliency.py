@@ -107,5 +107,11 @@ def test_bad_arguments():
         mask_to_saliency(np.zeros((0, 4), np.uint8), 0.1)
     with pytest.raises(ValueError, match="out must be"):
         mask_to_saliency_u8(np.zeros((4, 4), np.uint8), 0.1, out=np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"\[0, 1\].*max 255"):
+        mask_to_saliency_u8(np.full((4, 4), 255, np.uint8), 0.1)   # a 0/255 mask by mistake
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mask_to_saliency(np.full((4, 4), np.nan, np.float32), 0.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mask_to_saliency(np.full((4, 4), -0.5, np.float32), 0.0)
     with pytest.raises(ValueError, match="image must be"):
         foreground_mask(np.zeros((4,), np.uint8))

@@ -1,0 +1,288 @@
+"""`sat-train eval`: robustness of a trained run on evaluation shards.
+
+    sat-train eval runs/sat --shards shards/fashion-mnist/test
+    sat-train eval runs/sat --shards shards/fashion-mnist/test --limit 1000 --autoattack 200 --eps 2,4,8
+
+Runs clean accuracy, FGSM and PGD-k (k = 20, step eps/4, random start) at eps = 1..8/255 in L-inf, PGD in
+L2, Carlini-Wagner L2 (short budget), optionally AutoAttack on the first N samples, and the paper's
+distortions (contrast, low-pass, high-pass). Prints a table with gradient-masking warnings and writes
+RUN/eval/<shard-set name>.json atomically (per row: accuracy, n, attack parameters, time). Config: flags,
+or `--config eval.toml` (EvalConfig fields; flags win; unknown keys are an error).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sat_train.distortions import LEVELS
+
+RESULTS_VERSION = 1
+
+
+class EvalError(Exception):
+    """A user mistake or bad input: one line, non-zero exit."""
+
+
+@dataclass
+class EvalConfig:
+    eps: list = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7, 8])  # L-inf budgets, in 1/255
+    pgd_steps: int = 20
+    pgd_step_ratio: float = 0.25  # PGD step size = eps * ratio (eps/4)
+    pgd_restarts: int = 1
+    check_steps: list = field(default_factory=lambda: [5, 10])  # extra PGD runs at the largest eps (masking check)
+    fgsm: bool = True
+    l2_eps: list = field(default_factory=lambda: [0.25, 0.5, 1.0])  # L2 budgets in [0, 1] pixel units
+    cw: int = 1000  # CW-L2 on the first N samples (0 = off)
+    cw_steps: int = 20
+    cw_search_steps: int = 3
+    cw_lr: float = 0.01
+    cw_initial_const: float = 1e-3
+    cw_confidence: float = 0.0
+    autoattack: int = 0  # AutoAttack on the first N samples (0 = off; slow on CPU)
+    autoattack_eps: float = 8.0  # in 1/255
+    autoattack_version: str = "standard"
+    distortions: bool = True
+    contrast: list = field(default_factory=lambda: list(LEVELS["contrast"]))
+    low_pass: list = field(default_factory=lambda: list(LEVELS["low-pass"]))
+    high_pass: list = field(default_factory=lambda: list(LEVELS["high-pass"]))
+    distortion_grey: float | None = None  # filter padding grey; None = each image's mean (see distortions.py)
+    batch_size: int = 256
+    limit: int = 0  # evaluate the first N samples only (0 = all)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    sanity_tol: float = 0.0  # accuracy points of slack before a masking check warns
+    aa_gap: float = 5.0  # warn when AutoAttack is this many points below PGD on the same samples
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "EvalConfig":
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise EvalError(f"{source}: unknown eval config key(s) {', '.join(unknown)}; known: {', '.join(names)}")
+        cfg = cls(**d)
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        def need(ok, msg):
+            if not ok:
+                raise EvalError(f"{source}: {msg}")
+        for name in ("eps", "l2_eps", "check_steps", "contrast", "low_pass", "high_pass"):
+            need(isinstance(getattr(self, name), (list, tuple)), f"{name} must be a list")
+        need(all(e > 0 for e in list(self.eps) + list(self.l2_eps)), "eps values must be > 0")
+        need(self.pgd_steps >= 1 and all(k >= 1 for k in self.check_steps), "PGD steps must be >= 1")
+        need(0 < self.pgd_step_ratio <= 1, "pgd_step_ratio must be in (0, 1]")
+        need(self.pgd_restarts >= 1, "pgd_restarts must be >= 1")
+        need(min(self.cw, self.autoattack, self.limit) >= 0, "cw, autoattack and limit must be >= 0")
+        need(self.batch_size >= 1, "batch_size must be >= 1")
+        need(self.autoattack_version in ("standard", "plus", "rand"), "autoattack_version: standard | plus | rand")
+        need(all(0 <= c <= 1 for c in self.contrast), "contrast levels must be in [0, 1]")
+        need(all(s > 0 for s in list(self.low_pass) + list(self.high_pass)), "filter sigmas must be > 0")
+
+
+def _floats(text: str) -> list:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list:
+    return [int(v) for v in _floats(text)]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="sat-train eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("run", help="run folder written by `sat-train fit` (holds checkpoints/last.pt)")
+    p.add_argument("--shards", required=True, help="evaluation shard set (folder with manifest.json)")
+    p.add_argument("--config", help="TOML file of EvalConfig fields (top level or an [eval] table)")
+    p.add_argument("--out", help="results JSON (default RUN/eval/<shard-set name>.json)")
+    a = p.add_argument_group("attacks (override the config)")
+    a.add_argument("--eps", type=_floats, help="L-inf eps list in 1/255, e.g. 1,2,4,8")
+    a.add_argument("--pgd-steps", type=int)
+    a.add_argument("--pgd-step-ratio", type=float, help="PGD step = eps * ratio (default 0.25)")
+    a.add_argument("--restarts", dest="pgd_restarts", type=int)
+    a.add_argument("--check-steps", type=_ints, help="extra PGD step counts at the largest eps, e.g. 5,10,50")
+    a.add_argument("--l2-eps", type=_floats, help="L2 eps list, e.g. 0.25,0.5")
+    a.add_argument("--no-fgsm", dest="fgsm", action="store_const", const=False)
+    a.add_argument("--cw", type=int, help="CW-L2 on the first N samples (0 = off)")
+    a.add_argument("--autoattack", type=int, help="AutoAttack on the first N samples (0 = off)")
+    a.add_argument("--autoattack-eps", type=float, help="AutoAttack L-inf eps in 1/255 (default 8)")
+    a.add_argument("--no-distortions", dest="distortions", action="store_const", const=False)
+    a.add_argument("--distortion-grey", type=float, help="fixed filter padding grey (reference: 0.4423)")
+    r = p.add_argument_group("run")
+    r.add_argument("--batch-size", type=int)
+    r.add_argument("--limit", type=int, help="evaluate the first N samples only")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def load_config(args) -> EvalConfig:
+    values = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            values = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise EvalError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise EvalError(f"{path}: not valid TOML ({e})") from None
+        if set(values) == {"eval"}:
+            values = values["eval"]
+    names = {f.name for f in dataclasses.fields(EvalConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    return EvalConfig.from_dict(values, args.config or "flags")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name}: no CUDA device on this machine")
+    return dev
+
+
+def check_compatible(ckpt: dict, manifest) -> list[str]:
+    """Raise EvalError when the checkpoint's model cannot be evaluated on these shards; return warnings."""
+    where, spec = ckpt.get("path", "checkpoint"), ckpt["model_spec"]
+    mpath = manifest.root / "manifest.json"
+    if spec["num_classes"] != manifest.num_classes:
+        raise EvalError(f"{where}: model has {spec['num_classes']} classes but {mpath} has {manifest.num_classes}")
+    if list(ckpt["classes"]) != list(manifest.classes):
+        raise EvalError(f"{where}: class names differ from {mpath} (trained on {list(ckpt['classes'])[:4]}..., "
+                        f"shards have {list(manifest.classes)[:4]}...)")
+    img = manifest.image
+    if spec["in_channels"] != img["channels"]:
+        raise EvalError(f"{where}: model takes {spec['in_channels']}-channel images, {mpath} has {img['channels']}")
+    if (img["height"], img["width"]) != (spec["image_size"], spec["image_size"]):
+        raise EvalError(f"{where}: model was built for {spec['image_size']}px images, {mpath} has "
+                        f"{img['height']}x{img['width']}")
+    warnings = []
+    if ckpt.get("shards_fingerprint") and ckpt["shards_fingerprint"] == manifest.fingerprint:
+        warnings.append(f"{manifest.root} is the shard set this run trained on: these are training-set numbers")
+    return warnings
+
+
+def batches(loader, limit: int, device):
+    """(x float [0, 1], y int64) on `device` from the loader's (x, s, y), stopping after `limit` samples."""
+    seen = 0
+    for x, _s, y in loader:
+        if limit and seen >= limit:
+            break
+        if limit:
+            x, y = x[: limit - seen], y[: limit - seen]
+        x = x.to(device)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        seen += len(x)
+        yield x, y.to(device).long().view(-1)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'attack':<11} {'norm':<5} {'eps / level':>12} {'steps':>5} {'n':>6} {'acc %':>7} {'time s':>8}",
+             "-" * 60]
+    for r in rows:
+        if r["eps"] is not None:
+            strength = f"{r['eps_255']:g}/255" if r["norm"] == "linf" else f"{r['eps']:g}"
+        elif r["level"] is not None:
+            strength = ("c=" if r["attack"] == "contrast" else "sigma=") + f"{r['level']:g}"
+        else:
+            strength = "-"
+        acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}"
+        steps = r["params"].get("steps", "")
+        lines.append(f"{r['attack']:<11} {r['norm'] or '':<5} {strength:>12} {steps!s:>5} {r['n']:>6} {acc:>7} "
+                     f"{r['time_s']:>8.2f}")
+        if r["attack"] == "autoattack" and r["params"].get("stages"):
+            lines.append("    robust after stage: " + ", ".join(f"{k} {v}" for k, v in r["params"]["stages"].items()))
+        if r["attack"] == "cw-l2" and r["params"].get("median_l2") is not None:
+            lines.append(f"    median L2 of successful CW examples: {r['params']['median_l2']:.4f}")
+    return "\n".join(lines)
+
+
+def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tuple[dict, Path]:
+    """Library entry point: run the suite, write the JSON, return (results, path). Raises EvalError."""
+    from shards.format import ShardFormatError, atomic_write_json, check_shard_files, read_manifest
+    from sat_train.checkpoint import CheckpointError, load_model
+    from sat_train.robustness import build_specs, run_suite
+    from sat_train.sanity import masking_checks
+
+    run_dir, shard_dir = Path(run_dir), Path(shard_dir)
+    if not run_dir.exists():
+        raise EvalError(f"{run_dir}: no such run folder")
+    try:
+        manifest = read_manifest(shard_dir)
+    except ShardFormatError as e:
+        raise EvalError(str(e)) from None
+    problems = check_shard_files(manifest)
+    if problems:
+        raise EvalError(f"{shard_dir}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    device = pick_device(cfg.device)
+    try:
+        model, ckpt = load_model(run_dir, device=device)
+    except CheckpointError as e:
+        raise EvalError(str(e)) from None
+    notes = check_compatible(ckpt, manifest)
+    model.eval()
+    model.requires_grad_(False)  # eval never trains: attacks need input gradients only
+    torch.manual_seed(cfg.seed)
+    specs = build_specs(cfg)
+
+    from tqdm import tqdm
+
+    from sat_train.loader import make_loader
+
+    total = min(manifest.num_samples, cfg.limit) if cfg.limit else manifest.num_samples
+    loader = make_loader(shard_dir, cfg.batch_size, train=False, device=device)
+    bar = tqdm(total=total, unit="img", desc="eval", disable=not progress, file=sys.stderr)
+    t0 = time.perf_counter()
+    rows = run_suite(model, batches(loader, cfg.limit, device), specs, n_classes=manifest.num_classes,
+                     seed=cfg.seed, progress=bar)
+    bar.close()
+    warnings = masking_checks(rows, main_steps=cfg.pgd_steps, tol=cfg.sanity_tol, aa_gap=cfg.aa_gap)
+    for r in rows:
+        del r["per_sample"]
+    results = {
+        "results_version": RESULTS_VERSION, "run": str(run_dir), "shards": str(shard_dir),
+        "shards_fingerprint": manifest.fingerprint, "classes": manifest.classes,
+        "checkpoint": {"path": ckpt.get("path"), "epoch": ckpt.get("epoch"), "model_spec": ckpt["model_spec"]},
+        "config": dataclasses.asdict(cfg), "device": str(device), "n": rows[0]["n"],
+        "clean_accuracy": rows[0]["accuracy"], "rows": rows, "sanity": {"passed": not warnings, "warnings": warnings},
+        "notes": notes, "total_time_s": round(time.perf_counter() - t0, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = Path(out) if out else run_dir / "eval" / f"{shard_dir.resolve().name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, results)
+    return results, out
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args)
+        print("eval config:", json.dumps(dataclasses.asdict(cfg), separators=(", ", ": ")))
+        results, out = evaluate(args.run, args.shards, cfg, args.out, progress=not args.no_progress)
+    except EvalError as e:
+        print(f"sat-train eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(results["rows"]))
+    for note in results["notes"]:
+        print(f"note: {note}")
+    if results["sanity"]["warnings"]:
+        for w in results["sanity"]["warnings"]:
+            print(f"WARNING: {w}")
+    else:
+        print("gradient-masking checks: all passed")
+    print(f"results: {out}")
+    return 0

@@ -36,9 +36,10 @@ def sigma_px_for(shape, sigma_frac: float) -> float:
 
 @njit(cache=True)
 def _in_unit_range(mask):
-    """A {0, 255} mask passed by mistake would come out all salient: refuse it instead."""
+    """A {0, 255} mask passed by mistake would come out all salient: refuse it instead. A little
+    slack, because resampled float masks (cv2.resize of {0, 1}) can land a rounding error outside."""
     for v in mask.ravel():
-        if not (v >= 0 and v <= 1):  # NaN fails too
+        if not (v >= -1e-3 and v <= 1.001):  # NaN fails too
             return False
     return True
 

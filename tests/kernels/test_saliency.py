@@ -113,5 +113,8 @@ def test_bad_arguments():
         mask_to_saliency(np.full((4, 4), np.nan, np.float32), 0.0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         mask_to_saliency(np.full((4, 4), -0.5, np.float32), 0.0)
+    # float rounding just outside [0, 1] (as from cv2.resize of a {0, 1} mask) is accepted
+    nearly = np.full((4, 4), 1.0000001, np.float32)
+    np.testing.assert_array_equal(mask_to_saliency(nearly, 0.0), np.ones((4, 4), np.float32))
     with pytest.raises(ValueError, match="image must be"):
         foreground_mask(np.zeros((4,), np.uint8))

@@ -30,6 +30,15 @@ def _write_index(path: str, entries) -> None:
         f.write(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
 
 
+def _dali_cause(message: str) -> str:
+    """The operator and the cause from DALI's multi-line error ("Error in CPU operator `...`" ... "encountered:" ...)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    op = next((ln.rstrip(",") for ln in lines if ln.startswith("Error in")), "")
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines[-1:]
+    cause = next((ln for ln in after if not ln.startswith("Current pipeline")), "")
+    return "; ".join(part for part in (op, cause) if part) or (lines[0] if lines else "unknown error")
+
+
 class DaliLoader(Loader):
     backend = "dali"
 
@@ -116,8 +125,8 @@ class DaliLoader(Loader):
                             for row in d["key"]]
                 yield d["x"], d["s"], d["y"], keys
         except RuntimeError as e:  # DALI reports decode/read failures as RuntimeError with a long trace
-            first = next((ln for ln in str(e).splitlines() if ln.strip()), str(e))
-            raise LoaderError(f"DALI failed reading {self.manifest.root}: {first}") from None
+            raise LoaderError(f"DALI failed reading {self.manifest.root}: {_dali_cause(str(e))} "
+                              f"(find the sample with backend='torch', or check files with verify='sha256')") from None
         finally:
             del it, pipe
             shutil.rmtree(folder, ignore_errors=True)

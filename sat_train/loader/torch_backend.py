@@ -11,6 +11,9 @@ no per-sample IPC.
 """
 from __future__ import annotations
 
+import functools
+import tarfile
+
 import cv2
 import numpy as np
 import torch
@@ -32,7 +35,7 @@ class _PlanDataset(IterableDataset):
     def __init__(self, loader: "TorchLoader", parts, epoch: int):
         self.parts, self.epoch = parts, epoch
         self.tars = [str(p) for p in loader.manifest.tar_paths()]
-        self.keys = [[sample_key(e[0][3]) for e in shard] for shard in loader.shard_set.entries]
+        self.keys = loader.keys
         image = loader.manifest.image
         self.fmt, self.shape = image["format"], (image["height"], image["width"], image["channels"])
         self.batch_size = loader.batch_size
@@ -76,16 +79,16 @@ class _PlanDataset(IterableDataset):
                     i = want.get(sample["__key__"])
                     if i is None or found[i] is not None:
                         continue
+                    lacking = [e for e in exts if e not in sample]
+                    if lacking:  # the index has them (checked at open), so the tar is damaged
+                        raise LoaderError(f"{tar}: sample {sample['__key__']!r} lacks {', '.join(lacking)} in the "
+                                          f"tar (damaged? try verify='sha256')")
                     found[i] = (sample["__key__"], sample)
                     left -= 1
                     if left == 0:
                         break
-        except (OSError, ValueError, EOFError) as e:  # tarfile errors derive from these or Exception
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             raise LoaderError(f"{tar}: damaged tar ({e})") from None
-        except Exception as e:
-            if type(e).__module__ == "tarfile":
-                raise LoaderError(f"{tar}: damaged tar ({e})") from None
-            raise
         if left:
             missing = next(k for k, i in want.items() if found[i] is None)
             raise LoaderError(f"{tar}: sample {missing!r} from the index is not in the tar (replaced? try verify='sha256')")
@@ -132,6 +135,11 @@ class _PlanDataset(IterableDataset):
 
 class TorchLoader(Loader):
     backend = "torch"
+
+    @functools.cached_property
+    def keys(self) -> list[list[str]]:
+        """Sample keys per shard, in tar order (from the index: what to pick while streaming a tar)."""
+        return [[sample_key(e[0][3]) for e in shard] for shard in self.shard_set.entries]
 
     def _batches(self, plan, epoch):
         parts = stripe_batches(plan, self.batch_size, self.num_workers)

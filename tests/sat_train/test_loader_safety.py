@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from sat_train.loader import LoaderError, make_loader
-from shards.format import read_manifest
+from shards.format import read_dali_index, read_manifest
 
 BACKENDS = ["dali", "torch"]
 
@@ -97,3 +97,23 @@ def test_dali_on_truncated_shard_exits_cleanly_not_a_segfault(tiny_shards):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tar) in lines[0] and "truncated" in lines[0]
+
+
+@pytest.mark.parametrize("backend,message", [
+    ("torch", r"train-000000.tar: sample 's000003' lacks png"),
+    ("dali", r"DALI failed reading .*: Error in CPU operator `nvidia.dali.fn.decoders.image`"),
+])
+def test_same_size_damage_found_while_reading(tiny_shards, backend, message):
+    """Damage that keeps the size passes the cheap check; reading must still end in a clear error."""
+    root = tiny_shards(num_samples=32, per_shard=16)
+    m = read_manifest(root)
+    tar = m.tar_paths()[0]
+    _, offset, size, _ = next(e for e in read_dali_index(m.index_paths()[0])[3] if e[0] == "png")
+    data = bytearray(tar.read_bytes())
+    data[offset:offset + size] = bytes(size)  # image bytes zeroed ...
+    data[offset - 512:offset - 412] = bytes(100)  # ... and its tar header's name wiped
+    tar.write_bytes(bytes(data))
+    loader = make_loader(root, 8, train=False, backend=backend, device="cpu")
+    with pytest.raises(LoaderError, match=message):
+        for _ in loader:
+            pass

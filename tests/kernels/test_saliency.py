@@ -60,6 +60,14 @@ def test_u8_encoding_agrees_with_shard_format_exactly():
     assert np.abs(uint8_to_saliency(mask_to_saliency_u8(disc(32, 10), 0.05)) - s).max() <= 1 / 127.5 + 1e-6
 
 
+def test_non_contiguous_masks_give_the_same_maps():
+    big = disc(64, 20)
+    for view in (big[::2, ::2], np.asfortranarray(big[:32, :40]), big[5:37, 3:43]):
+        np.testing.assert_array_equal(mask_to_saliency_u8(view, 0.05), mask_to_saliency_u8(view.copy(order="C"), 0.05))
+        img = np.stack([view * 200] * 3, -1)[:, ::-1]
+        np.testing.assert_array_equal(foreground_mask(img, 10), view[:, ::-1])
+
+
 def test_fused_per_object_path_reuses_buffers():
     poly = np.array([[4.0, 4.0], [28.0, 6.0], [26.0, 27.0], [6.0, 24.0]])
     m = np.empty((32, 32), np.uint8)

@@ -58,6 +58,7 @@ class EvalConfig:
     limit: int = 0  # evaluate the first N samples only (0 = all)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    loader_backend: str = "auto"  # auto | dali | torch (see sat_train.loader)
     sanity_tol: float = 0.0  # accuracy points of slack before a masking check warns
     aa_gap: float = 5.0  # warn when AutoAttack is this many points below PGD on the same samples
 
@@ -83,6 +84,7 @@ class EvalConfig:
         need(self.pgd_restarts >= 1, "pgd_restarts must be >= 1")
         need(min(self.cw, self.autoattack, self.limit) >= 0, "cw, autoattack and limit must be >= 0")
         need(self.batch_size >= 1, "batch_size must be >= 1")
+        need(self.loader_backend in ("auto", "dali", "torch"), "loader_backend: auto | dali | torch")
         need(self.autoattack_version in ("standard", "plus", "rand"), "autoattack_version: standard | plus | rand")
         need(all(0 <= c <= 1 for c in self.contrast), "contrast levels must be in [0, 1]")
         need(all(s > 0 for s in list(self.low_pass) + list(self.high_pass)), "filter sigmas must be > 0")
@@ -124,6 +126,7 @@ def parse_args(argv):
     r.add_argument("--limit", type=int, help="evaluate the first N samples only")
     r.add_argument("--seed", type=int)
     r.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--loader-backend", help="auto | dali | torch")
     r.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -214,6 +217,7 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
     """Library entry point: run the suite, write the JSON, return (results, path). Raises EvalError."""
     from shards.format import ShardFormatError, atomic_write_json, check_shard_files, read_manifest
     from sat_train.checkpoint import CheckpointError, load_model
+    from sat_train.loader import LoaderError, make_loader
     from sat_train.robustness import build_specs, run_suite
     from sat_train.sanity import masking_checks
 
@@ -240,10 +244,12 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
 
     from tqdm import tqdm
 
-    from sat_train.loader import make_loader
-
     total = min(manifest.num_samples, cfg.limit) if cfg.limit else manifest.num_samples
-    loader = make_loader(shard_dir, cfg.batch_size, train=False, device=device)
+    try:  # every sample once, in manifest order, on one process (eval is not distributed)
+        loader = make_loader(shard_dir, cfg.batch_size, train=False, backend=cfg.loader_backend, device=device,
+                             rank=0, world_size=1)
+    except LoaderError as e:
+        raise EvalError(str(e)) from None
     bar = tqdm(total=total, unit="img", desc="eval", disable=not progress, file=sys.stderr)
     t0 = time.perf_counter()
     rows = run_suite(model, batches(loader, cfg.limit, device), specs, n_classes=manifest.num_classes,

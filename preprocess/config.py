@@ -43,7 +43,7 @@ class BuildConfig:
     jpeg_quality: int = 90
     saliency: str = "auto"  # auto = the best the source has (mask > box > foreground)
     sigma_frac: float = 0.05  # Gaussian sigma as a fraction of `size`; 0 = the paper's hard map
-    foreground_threshold: float = 0.1  # fraction of the intensity range that counts as foreground
+    foreground_threshold: float = 16.0  # grey levels a pixel must differ from the border colour to be foreground
     context: float = 0.25  # margin around an object box, as a fraction of its longer side, each side
     min_box: float = 2.0  # objects whose box side is below this many source pixels are skipped
     # shards
@@ -72,7 +72,7 @@ class BuildConfig:
         need(1 <= self.jpeg_quality <= 100, f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}")
         need(0.0 <= self.sigma_frac <= 1.0, f"--sigma-frac must be in [0, 1], got {self.sigma_frac}")
         need(0.0 <= self.context <= 4.0, f"--context must be in [0, 4], got {self.context}")
-        need(0.0 < self.foreground_threshold < 1.0, "--foreground-threshold must be in (0, 1)")
+        need(0.0 <= self.foreground_threshold < 255.0, "--foreground-threshold must be in [0, 255) grey levels")
         need(self.min_box >= 0, "--min-box must be >= 0")
         need(self.shard_size >= 1, f"--shard-size must be >= 1, got {self.shard_size}")
         need(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")

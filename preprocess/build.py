@@ -1,0 +1,202 @@
+"""`preprocess build-shards`: plan, build missing shards with N worker processes, write the manifest.
+
+    preprocess build-shards coco --annotations ann.json --images img/ --size 64 --workers 2
+    preprocess build-shards coco ... --num-nodes 3 --node-rank 0   (then `preprocess finalize OUT`)
+
+Each worker writes whole shards (one shard's encoded samples in memory at a time, so peak memory
+does not grow with the dataset). Shards get their final names only when complete (ShardWriter),
+then a sidecar records their checksum; the manifest comes last. Re-running resumes.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from shards.format import ShardFormatError, ShardWriter, atomic_write_json, sanitize_key
+from preprocess.config import BuildConfig
+from preprocess.finalize import MAX_EXAMPLES, merge_counts, summary_line, write_manifest
+from preprocess.plan import (BuildError, ShardPlan, digest_of, make_plan, plan_digest, prepare_output,
+                             remove_stale_temps, shard_done, state_dir)
+from preprocess.sources import Skip, SourceError, get_source_class
+
+# ----------------------------------------------------------------------------- one shard (worker side)
+
+_W: dict = {}  # per-process worker state: source, cfg, saliency kind, out, plan digest
+
+
+def _init_worker(source, cfg: BuildConfig, kind: str, out: Path, plan: str, threads: int | None) -> None:
+    if threads is not None:  # N worker processes already fill the cores: no nested thread pools
+        import cv2
+        import numba
+
+        cv2.setNumThreads(threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    _W.update(source=source, cfg=cfg, kind=kind, out=out, plan=plan)
+
+
+def _record(counts: dict, examples: dict, skip: Skip) -> None:
+    counts["skipped"][skip.reason] = counts["skipped"].get(skip.reason, 0) + skip.count
+    counts["read"] += skip.count
+    ex = examples.setdefault(skip.reason, [])
+    if len(ex) < MAX_EXAMPLES:
+        ex.append(f"{skip.id}: {skip.detail}" if skip.detail else skip.id)
+
+
+def build_shard(shard: ShardPlan) -> tuple[str, dict]:
+    """Load, render and write one shard; returns (name, sidecar). Runs in a worker (or inline)."""
+    import cv2
+
+    from preprocess.pipeline import make_sample
+
+    source, cfg, out = _W["source"], _W["cfg"], _W["out"]
+    remove_stale_temps(out, shard.name)
+    counts = {"read": 0, "written": 0, "skipped": {}}
+    examples: dict = {}
+    samples, keys = [], set()
+    for item in shard.items:
+        for r in source.load(item):
+            if isinstance(r, Skip):
+                _record(counts, examples, r)
+                continue
+            try:
+                sample = make_sample(r, _W["kind"], cfg)
+            except (ValueError, cv2.error) as e:
+                _record(counts, examples, Skip(item.id, "processing error", str(e).splitlines()[0][:200]))
+                continue
+            key, n = sample["__key__"], 1
+            while key in keys:  # two source ids that sanitize alike (a.jpg / a.png): keep both
+                key, n = sanitize_key(f"{sample['__key__']}_{n}"), n + 1
+            keys.add(key)
+            sample["__key__"] = key
+            samples.append(sample)
+            counts["read"] += 1
+            counts["written"] += 1
+    info = None
+    if samples:
+        # a second shuffle inside the shard: objects of one image are not neighbours in the stream
+        order = np.random.default_rng([cfg.seed, shard.index]).permutation(len(samples))
+        with ShardWriter(out / f"{shard.name}.tar") as w:
+            for i in order:
+                w.write(samples[int(i)])
+        info = w.info.to_dict()
+    side = {"plan": _W["plan"], "shard": info, "counts": counts, "examples": examples}
+    atomic_write_json(state_dir(out) / f"{shard.name}.json", side)
+    return shard.name, side
+
+
+# ----------------------------------------------------------------------------- the whole build
+
+def _header(cfg: BuildConfig, source, kind: str, shards: list[ShardPlan], plan_skips: list[Skip]) -> dict:
+    fingerprint = dict(source.fingerprint())
+    fingerprint["digest"] = digest_of(fingerprint)
+    counts = {"read": 0, "written": 0, "skipped": {}}
+    examples: dict = {}
+    for s in plan_skips:
+        _record(counts, examples, s)
+    return {
+        "plan": plan_digest(cfg.digest(), fingerprint["digest"], shards),
+        "config": cfg.saved(), "config_digest": cfg.digest(), "fingerprint": fingerprint,
+        "classes": source.classes(),
+        "image": {"format": cfg.image_format, "height": cfg.size, "width": cfg.size, "channels": source.channels},
+        "saliency": {"kind": kind, "sigma_frac": cfg.sigma_frac, "encoding": "uint8 = round((s + 1) * 127.5)",
+                     "salient": 1.0, "background": -1.0},
+        "shard_names": [s.name for s in shards],
+        "plan_skips": counts, "plan_examples": examples,
+    }
+
+
+def build(cfg: BuildConfig, log=print) -> dict | None:
+    """Run a build; returns the manifest (None for a non-final node of a multi-node build)."""
+    from preprocess.pipeline import resolve_saliency
+
+    source_cls = get_source_class(cfg.source)
+    if cfg.unit not in source_cls.units:
+        raise BuildError(f"source {cfg.source!r} supports --unit {'|'.join(source_cls.units)}, not {cfg.unit!r}")
+    try:
+        kind = resolve_saliency(cfg.saliency, source_cls)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    out = Path(cfg.out or Path("shards") / cfg.source / cfg.split)
+    source = source_cls(cfg)
+    items, plan_skips = source.items()
+    if not items:
+        reasons = {}
+        for s in plan_skips:
+            reasons[s.reason] = reasons.get(s.reason, 0) + s.count
+        why = f" ({len(plan_skips)} annotations skipped: {reasons})" if plan_skips else ""
+        raise BuildError(f"{cfg.annotations or cfg.root or cfg.source}: empty dataset, nothing to build{why}")
+    shards = make_plan(items, cfg.split, cfg.shard_size, cfg.seed)
+    header = _header(cfg, source, kind, shards, plan_skips)
+    prepare_output(out, header, cfg.overwrite)
+
+    mine = [s for s in shards if s.index % cfg.num_nodes == cfg.node_rank]
+    sides: dict[str, dict] = {}
+    todo = []
+    for s in mine:
+        done = shard_done(out, s, header["plan"])
+        if done is None:
+            todo.append(s)
+        else:
+            sides[s.name] = done
+    node = f" (node {cfg.node_rank} of {cfg.num_nodes})" if cfg.num_nodes > 1 else ""
+    log(f"building {out}{node}: {sum(s.expected for s in mine)} samples planned in {len(mine)} shards, "
+        f"{len(sides)} already complete, {len(todo)} to build, {min(cfg.workers, max(len(todo), 1))} workers")
+    # a thread lock: tqdm's default multiprocessing lock leaks a semaphore under forkserver
+    tqdm.set_lock(threading.RLock())
+    bar = tqdm(total=sum(s.expected for s in todo), unit="sample", disable=not cfg.progress or not todo,
+               file=sys.stderr, dynamic_ncols=True)
+    workers = min(cfg.workers, len(todo))
+    if workers <= 1:
+        _init_worker(source, cfg, kind, out, header["plan"], None)
+        results = map(build_shard, todo)
+        pool = None
+    else:
+        # forkserver: workers start from a clean process (no OpenMP/numba threads inherited through
+        # fork) and share its imports, so starting them is cheap after the first time
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["preprocess.pipeline", "preprocess.build", "webdataset"])
+        pool = ctx.Pool(workers, initializer=_init_worker,
+                        initargs=(source, cfg, kind, out, header["plan"], 1))
+        results = pool.imap_unordered(build_shard, todo)
+    by_name = {s.name: s for s in todo}
+    try:
+        for name, side in results:
+            sides[name] = side
+            bar.update(by_name[name].expected)
+        if pool is not None:
+            pool.close()  # workers exit on their own (terminate would skip their cleanup)
+            pool.join()
+            pool = None
+    finally:
+        bar.close()
+        if pool is not None:  # an error: stop the other workers now
+            pool.terminate()
+            pool.join()
+    atomic_write_json(state_dir(out) / f"node-{cfg.node_rank}-of-{cfg.num_nodes}.json",
+                      {"plan": header["plan"], "shards": [s.name for s in mine]})
+    if cfg.num_nodes > 1:
+        counts, _ = merge_counts([sides[s.name] for s in mine])
+        log(f"{out}{node}: wrote {counts['written']} samples in {len(mine)} shards; "
+            f"run `preprocess finalize {out}` when every node is done")
+        return None
+    manifest = write_manifest(out, header, [sides[s.name] for s in shards])
+    log(summary_line(out, manifest))
+    return manifest
+
+
+def run(cfg: BuildConfig) -> int:
+    """CLI wrapper: user mistakes become one line on stderr and a non-zero exit."""
+    try:
+        build(cfg)
+    except (BuildError, SourceError, ShardFormatError) as e:
+        print(f"preprocess build-shards: {e}", file=sys.stderr)
+        return getattr(e, "code", 2)
+    except KeyboardInterrupt:
+        print("preprocess build-shards: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,70 @@
+"""`preprocess info DIR`: a shard set's manifest in a readable form.
+
+    preprocess info shards/coco/train
+    preprocess info shards/coco/train --json     (the raw manifest)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from shards.format import ShardFormatError, read_manifest
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def describe(root: Path) -> str:
+    m = read_manifest(root)
+    raw, img, counts = m.raw, m.image, m.raw["counts"]
+    total = sum(s["bytes"] for s in m.shards)
+    per = [s["samples"] for s in m.shards]
+    classes = ", ".join(f"{i}:{c}" for i, c in enumerate(m.classes[:20]))
+    if m.num_classes > 20:
+        classes += f", ... ({m.num_classes - 20} more)"
+    sal = raw.get("saliency", {})
+    lines = [
+        f"shard set   {root}",
+        f"source      {raw.get('source', raw['config'].get('source'))}, split {raw.get('split', '?')}, "
+        f"satpipe {raw.get('satpipe_version', '?')}",
+        f"samples     {m.num_samples} in {len(m.shards)} shards ({min(per, default=0)}-{max(per, default=0)} each), "
+        f"{_size(total)}",
+        f"image       {img['format']} {img['width']}x{img['height']}x{img['channels']}",
+        f"saliency    {sal.get('kind', '?')}, sigma_frac {sal.get('sigma_frac', '?')}, {sal.get('encoding', '')}",
+        f"classes     {m.num_classes}: {classes}",
+        f"counts      read {counts['read']}, written {counts['written']}, "
+        f"skipped {sum(counts['skipped'].values())}",
+    ]
+    examples = raw.get("skip_examples", {})
+    for reason, n in counts["skipped"].items():
+        ex = examples.get(reason, [])
+        lines.append(f"  skipped   {n:>7}  {reason}" + (f"  (e.g. {'; '.join(ex[:2])})" if ex else ""))
+    lines.append("fingerprint " + ", ".join(f"{k}={v}" for k, v in sorted(m.fingerprint.items())))
+    lines.append("config")
+    width = max(len(k) for k in raw["config"]) if raw["config"] else 0
+    lines += [f"  {k:<{width}} = {v!r}" for k, v in raw["config"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="preprocess info", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dir", help="shard set folder (holds manifest.json)")
+    ap.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    args = ap.parse_args(argv)
+    try:
+        if args.json:
+            print(json.dumps(read_manifest(Path(args.dir)).raw, indent=2, sort_keys=True))
+        else:
+            print(describe(Path(args.dir)))
+    except ShardFormatError as e:
+        print(f"preprocess info: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,114 @@
+"""RawSample -> shard sample: crop + resize, saliency at the output size, encode.
+
+Shared by every source. Saliency is rendered directly at the output resolution (shapes are mapped
+through the same `Crop` as the image and rasterized there), which is what makes building cheap:
+nothing is rasterized or blurred at full source resolution.
+
+Saliency kinds (`--saliency`):
+  mask        union of the objects' finest geometry (polygon / RLE / mask; box where that is all)
+  box         union of the objects' boxes (the paper's "coarser map")
+  foreground  threshold of the output image against its border colour (plain-background data)
+  none        s = 0 everywhere (grey 128): SAT degenerates to noise training, a control
+  auto        mask when the sample has shapes, foreground otherwise
+"""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+from kernels.raster import polygon_rings, rasterize_boxes, rasterize_polygons, rle_to_mask
+from kernels.saliency import foreground_mask, mask_to_saliency_u8
+
+from shards.format import encode_label, sanitize_key
+from preprocess.geometry import Crop
+from preprocess.sources.base import RawSample, Shape
+
+
+def resolve_saliency(kind: str, source_cls) -> str:
+    """Check a --saliency kind against what a source has; 'auto' stays auto (decided per sample)."""
+    if kind == "mask" and not source_cls.has_masks:
+        raise ValueError(f"source {source_cls.name!r} has no masks; use --saliency "
+                         + ("box|" if source_cls.has_boxes else "") + "foreground|none")
+    if kind == "box" and not (source_cls.has_boxes or source_cls.has_masks):
+        raise ValueError(f"source {source_cls.name!r} has no boxes; use --saliency foreground|none")
+    return kind
+
+
+def _shape_mask(shape: Shape, crop: Crop, use_box: bool) -> np.ndarray:
+    """uint8 {0,1} (or float [0,1] for soft masks) size x size for one object, in output pixels."""
+    size = crop.size
+    if use_box or not shape.has_mask:
+        return rasterize_boxes(np.array([crop.box_to_output(shape.box)], np.float64), size, size)
+    if shape.polygons is not None:
+        xy, ring_starts = polygon_rings(shape.polygons)[:2]
+        xy = crop.to_output(xy)
+        ring_object = np.zeros(len(ring_starts) - 1, np.int64)
+        return rasterize_polygons(xy, ring_starts, ring_object, size, size)
+    if shape.rle is not None:
+        return rle_to_mask(shape.rle, crop.source_xyxy, size, size)
+    # a dense mask over the full source image (scale 1): the same window, averaged when shrinking
+    x0, y0, x1, _ = crop.source_xyxy
+    m = shape.mask if shape.mask.dtype == np.float32 else shape.mask.astype(np.float32)
+    return Crop.make((x0, y0, x1 - x0), 1.0, size).apply(m)
+
+
+def render_saliency(raw: RawSample, crop: Crop, image_out: np.ndarray, kind: str, cfg) -> np.ndarray:
+    """uint8 size x size saliency (round((s+1)*127.5)) for one sample."""
+    size = crop.size
+    if kind == "auto":
+        kind = "mask" if raw.shapes else "foreground"
+    if kind == "none":
+        return np.full((size, size), 128, np.uint8)  # s = 0
+    if kind == "foreground":
+        mask = foreground_mask(image_out, cfg.foreground_threshold)
+    else:
+        if not raw.shapes:  # an unannotated sample of an annotated set: nothing is salient
+            mask = np.zeros((size, size), np.uint8)
+        else:
+            masks = [_shape_mask(s, crop, use_box=(kind == "box")) for s in raw.shapes]
+            mask = masks[0] if len(masks) == 1 else np.maximum.reduce(
+                [m.astype(np.float32) for m in masks] if any(m.dtype != np.uint8 for m in masks) else masks)
+    return mask_to_saliency_u8(mask, cfg.sigma_frac)
+
+
+def encode_image(img: np.ndarray, fmt: str, quality: int) -> bytes:
+    if fmt == "raw":
+        return np.ascontiguousarray(img).tobytes()
+    bgr = img[..., ::-1] if img.ndim == 3 else img  # OpenCV writes BGR
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if fmt == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    ok, buf = cv2.imencode("." + fmt, np.ascontiguousarray(bgr), params)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {fmt} image")
+    return buf.tobytes()
+
+
+def make_sample(raw: RawSample, kind: str, cfg) -> dict:
+    """The shard sample {__key__, jpg|png|raw, sal.png, label.i64, cls, json} for one RawSample."""
+    size = cfg.size
+    h, w = raw.image.shape[:2]
+    crop = Crop.make(raw.window, raw.scale, size) if raw.window is not None else Crop.whole(h, w, raw.scale, size)
+    image_out = crop.apply(raw.image)
+    sal = render_saliency(raw, crop, image_out, kind, cfg)
+    ok, sal_png = cv2.imencode(".png", sal, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise ValueError("OpenCV could not encode the saliency png")
+    meta = dict(raw.meta)
+    meta.setdefault("source_id", raw.key)
+    meta["label"] = int(raw.label)
+    # boxes in output pixels as [x, y, w, h] (clipped to the output), as the shard format says
+    boxes = []
+    for s in raw.shapes:
+        x0, y0, x1, y1 = crop.box_to_output(s.box)
+        x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(size), x1), min(float(size), y1)
+        if x1 > x0 and y1 > y0:
+            boxes.append([round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)])
+    meta["boxes"] = boxes
+    return {
+        "__key__": sanitize_key(raw.key),
+        cfg.image_format: encode_image(image_out, cfg.image_format, cfg.jpeg_quality),
+        "sal.png": sal_png.tobytes(),
+        "label.i64": encode_label(raw.label),
+        "cls": str(int(raw.label)).encode(),
+        "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
+    }

@@ -4,6 +4,7 @@
     sat-train compare runs/* --out report/ --eval test      # pick the evaluation set when runs have several
 
 Reads each run's summary.json (method, saliency source, train time, images/s), config.json (seed),
+experiment.json when `sat-train experiment` made the run (its saliency-source label),
 metrics.jsonl (loss per epoch) and RUN/eval/<set>.json (from `sat-train eval`), and writes
 report/report.md (table: method, saliency source, clean, PGD at each eps, AutoAttack, CW, train time,
 images/s; mean +- std over seeds when a (method, saliency) pair has several runs; distortions),
@@ -63,12 +64,14 @@ def load_run(run: Path, eval_name: str | None) -> dict:
         if "rows" not in evaluation:
             raise CompareError(f"{run / 'eval' / (eval_name + '.json')}: not a sat-train eval result (no rows)")
     method = summary.get("method") or config.get("method", "?")
+    # `sat-train experiment` labels each run with its grid's saliency-source name; else the shard set's own
+    label = _read_json(run / "experiment.json").get("saliency") if (run / "experiment.json").exists() else None
     train_time = summary.get("train_time_s", sum(m.get("epoch_time_s", 0.0) for m in metrics) or None)
     ips = summary.get("images_per_s")
     if ips is None and metrics:
         ips = statistics.fmean(m.get("images_per_s", 0.0) for m in metrics)
     return {"run": str(run), "name": run.name, "method": method,
-            "saliency": summary.get("saliency_source") if "sat" in method else None,
+            "saliency": (label or summary.get("saliency_source")) if "sat" in method else None,
             "seed": config.get("seed"), "arch": summary.get("arch") or config.get("arch"), "epochs": len(metrics),
             "train_time_s": train_time, "images_per_s": ips, "metrics": metrics, "eval": evaluation}
 

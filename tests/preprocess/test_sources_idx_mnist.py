@@ -209,3 +209,16 @@ def test_default_command_uses_source_defaults(tmp_path):
     assert (cfg.unit, cfg.size, cfg.image_format) == ("image", 28, "raw")
     cfg, _ = config_from_args(["fashion-mnist", "--size", "56", "--image-format", "png"])
     assert (cfg.unit, cfg.size, cfg.image_format) == ("image", 56, "png")  # given flags win
+
+
+def test_worker_processes_give_identical_shards(tmp_path):
+    """The source pickles to forkserver workers without its arrays and re-reads them there:
+    2 workers must write the same bytes as 1."""
+    imgs, labels = _digits(90, seed=6)
+    fx.write_mnist_folder(tmp_path / "mnist", {"train": imgs}, {"train": labels})
+    common = ("mnist", "--root", str(tmp_path / "mnist"), "--unit", "image", "--size", "28", "--image-format", "raw",
+              "--saliency", "foreground", "--shard-size", "30")
+    one, _ = fx.build_and_read(tmp_path / "w1", *common, "--workers", "1")
+    two, _ = fx.build_and_read(tmp_path / "w2", *common, "--workers", "2")
+    assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
+    assert len(one["shards"]) == 3

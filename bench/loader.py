@@ -13,6 +13,7 @@ bench/results/loader.md.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -89,22 +90,22 @@ def images_per_second(root: Path, backend: str, args, device: torch.device) -> f
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run (4k images, 2 epochs)")
-    ap.add_argument("--images", type=int, default=16384)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--images", type=int, default=None, help="images per size (default 16384, --quick 4096)")
+    ap.add_argument("--epochs", type=int, default=None, help="timed epochs (default 3, --quick 2)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="DALI threads = DataLoader worker processes")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    if args.quick:
-        args.images, args.epochs = 4096, 2
+    args.images = args.images or (4096 if args.quick else 16384)
+    args.epochs = args.epochs or (2 if args.quick else 3)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not dali_available():
         raise SystemExit("bench/loader.py: nvidia.dali does not import; nothing to compare")
     dali_name = "dali mixed (GPU decode)" if device.type == "cuda" else "dali cpu"
 
-    rows = []
+    rows, load_before = [], os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="satpipe-bench-loader-") as tmp:
         for size in args.sizes:
             root = write_shard_set(Path(tmp) / f"s{size}", args.images, size)
@@ -121,7 +122,8 @@ def main(argv=None) -> None:
         f"`python bench/loader.py{' --quick' if args.quick else ''}`: {args.images} JPEG images per size "
         f"(+ PNG saliency), batch {args.batch_size}, train mode (shuffle, pad-4 crop + flip on image and saliency), "
         f"{args.workers} worker threads each, {args.epochs} timed epochs after a warm-up epoch, output on `{device}`. "
-        f"Host: {torch.get_num_threads()} torch threads, {cpu}; GPU: {gpu}.", "",
+        f"Host: {os.cpu_count()} cores, {cpu}; GPU: {gpu}. Load average {load_before:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end (other work on the machine makes both columns slower and noisier).", "",
         f"| size | torch backend (img/s) | {dali_name} (img/s) | ratio |", "|---|---:|---:|---:|"]
     lines += [f"| {s}x{s} | {b:,.0f} | {d:,.0f} | {d / b:.2f}x |" for s, b, d in rows]
     table = "\n".join(lines) + "\n"

@@ -102,7 +102,7 @@ def blur_into(src, weights, out):
 
 def gaussian_blur(img, sigma_px: float, out=None) -> np.ndarray:
     """float32 (H, W) Gaussian blur with std sigma_px pixels, border reflect-101; sigma 0 returns a copy."""
-    img = np.asarray(img)
+    img = np.ascontiguousarray(img)
     if img.ndim != 2:
         raise ValueError(f"gaussian_blur needs a 2-D image, got shape {img.shape}")
     sigma_px = float(sigma_px)

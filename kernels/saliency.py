@@ -74,7 +74,8 @@ def _saliency_u8(mask, sigma_px, out):
 
 
 def _check_mask(mask) -> np.ndarray:
-    mask = np.asarray(mask)
+    # C order always: one compiled variant per dtype instead of one per memory layout too
+    mask = np.ascontiguousarray(mask)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"mask must be a non-empty 2-D array, got shape {mask.shape}")
     if mask.dtype == np.bool_:
@@ -142,7 +143,7 @@ def foreground_mask(img, threshold: float = 16.0, out=None) -> np.ndarray:
     Background colour = per-channel median of the image's 1-pixel border (the frame is background on
     plain-background data such as Fashion-MNIST's black); difference = max over channels of |pixel - bg|.
     A real but weak saliency: the object's silhouette, holes and dark parts included as they are."""
-    img = np.asarray(img)
+    img = np.ascontiguousarray(img)
     if img.ndim == 2:
         img = img[:, :, None]
     if img.ndim != 3 or img.shape[0] == 0 or img.shape[1] == 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -119,7 +120,7 @@ def main(argv=None) -> None:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     lines = [
         "# Loader throughput (bench/loader.py)", "",
-        f"`python bench/loader.py{' --quick' if args.quick else ''}`: {args.images} JPEG images per size "
+        f"`python bench/loader.py {' '.join(argv if argv is not None else sys.argv[1:])}`: {args.images} JPEG images per size "
         f"(+ PNG saliency), batch {args.batch_size}, train mode (shuffle, pad-4 crop + flip on image and saliency), "
         f"{args.workers} worker threads each, {args.epochs} timed epochs after a warm-up epoch, output on `{device}`. "
         f"Host: {os.cpu_count()} cores, {cpu}; GPU: {gpu}. Load average {load_before:.1f} at start, "

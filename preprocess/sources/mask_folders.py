@@ -136,7 +136,8 @@ def scan_mask_folders(root: str | Path, split: str, *, images: str = "", masks: 
     if lists:
         wanted = {_stem(r[0]) for r in read_list_file(lists[0]) if r}
         inputs.append(lists[0])
-    elif (img_dir / split).is_dir():
+    base_img_dir = img_dir
+    if not lists and (img_dir / split).is_dir():
         img_dir = img_dir / split
 
     image_files = _index_files(img_dir, IMAGE_EXTS)
@@ -152,7 +153,10 @@ def scan_mask_folders(root: str | Path, split: str, *, images: str = "", masks: 
         label_of, names = _labels_from_file(lpath, label_base, classes, skipped)
         inputs.append(lpath)
     else:  # class folders directly under the image folder
-        names = classes or sorted({p.parent.name for p in image_files.values() if p.parent != img_dir})
+        # class names from every split's folders, so a class absent from one split shifts no index
+        split_dirs = {base_img_dir} | {base_img_dir / d for d in ("train", "val", "test", split)}
+        names = classes or sorted({p.parent.name for p in _index_files(base_img_dir, IMAGE_EXTS).values()
+                                   if p.parent not in split_dirs})
         if not names:
             raise MaskFolderLayoutError(f"{img_dir}: images are not in class folders; pass --labels FILE")
         pos = {c: i for i, c in enumerate(names)}

@@ -154,6 +154,10 @@ def test_flowers_style_class_folders_and_binary_masks(tmp_path):
     s = next(src.load(items[3]))
     assert s.shapes[0].box == (5.0, 5.0, 30.0, 30.0)
     assert set(np.unique(s.shapes[0].mask).tolist()) == {0.0, 1.0}
+    # split list files: the test split lacks daffodil, the label of tulip stays 1
+    (root / "test.txt").write_text("tulip_0001\n")
+    test = MaskFolderSource(BuildConfig(source="mask-folders", root=str(root), split="test", unit="image"))
+    assert test.classes() == ["daffodil", "tulip"] and [it.data[2] for it in test.items()[0]] == [1]
 
 
 def test_wrong_layouts(tmp_path, pets):

@@ -6,7 +6,7 @@ from sat_train.models import build_model
 
 @pytest.mark.parametrize("arch,channels,size", [
     ("tiny-cnn", 3, 16), ("cnn4", 1, 28), ("resnet10", 1, 28), ("resnet18", 3, 32), ("resnet34", 3, 32),
-    ("preact-resnet18", 3, 64), ("wrn-28-1", 1, 28), ("wrn-34-1", 3, 32),
+    ("preact-resnet18", 3, 32), ("resnet10", 3, 64), ("wrn-28-1", 1, 28), ("wrn-34-1", 3, 32),
 ])
 def test_shapes_and_backward(arch, channels, size):
     torch.manual_seed(0)

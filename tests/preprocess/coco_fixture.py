@@ -20,7 +20,15 @@ COLOURS = {3: (220, 40, 40), 7: (40, 200, 60), 12: (50, 60, 230)}
 def _polygon(rng, cx, cy, r, n):
     ang = np.sort(rng.uniform(0, 2 * np.pi, n))
     rad = r * rng.uniform(0.7, 1.0, n)
-    return np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1)
+    return np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1).round(2)
+
+
+def _fill(mask, poly, value):
+    """Draw a polygon exactly as COCO's annToMask rasterizes it (pycocotools), so the pixels and
+    the annotation agree to the pixel."""
+    h, w = mask.shape
+    inside = mask_utils.decode(mask_utils.frPyObjects([poly.ravel().tolist()], h, w))[..., 0] > 0
+    mask[inside] = value
 
 
 def make_coco(root: Path, num_images: int = 6, objects: int = 3, width: int = 160, height: int = 120,
@@ -36,17 +44,22 @@ def make_coco(root: Path, num_images: int = 6, objects: int = 3, width: int = 16
         image_id = 100 + i
         for j in range(objects):
             cat = CATEGORIES[(i + j) % len(CATEGORIES)]["id"]
-            r = rng.uniform(12, 30)
-            cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
+            # objects in separate cells (no overlap), so a crop's colours tell which pixels are salient
+            cell = width / objects
+            r = rng.uniform(10, min(cell / 2 - 2, height / 2 - 2, 30))
+            cx, cy = rng.uniform(j * cell + r + 1, (j + 1) * cell - r - 1), rng.uniform(r + 1, height - r - 1)
             poly = _polygon(rng, cx, cy, r, int(rng.integers(8, 20)))
             mask = np.zeros((height, width), np.uint8)
-            cv2.fillPoly(mask, [np.round(poly).astype(np.int32)], 1)
-            img[mask > 0] = COLOURS[cat]
+            _fill(mask, poly, 1)
             kind = (i * objects + j) % 4
+            hole = _polygon(rng, cx, cy, r * 0.35, 6) if kind == 3 else None
+            if hole is not None:  # a hole: second ring inside (even-odd), background in the pixels too
+                _fill(mask, hole, 0)
+            img[mask > 0] = COLOURS[cat]
             if kind == 0 or kind == 3:
                 seg = [poly.ravel().round(2).tolist()]
-                if kind == 3:  # a hole: second ring inside, even-odd
-                    seg.append(_polygon(rng, cx, cy, r * 0.3, 6).ravel().round(2).tolist())
+                if hole is not None:
+                    seg.append(hole.ravel().round(2).tolist())
             else:
                 rle = mask_utils.encode(np.asfortranarray(mask))
                 if kind == 1:

@@ -1,0 +1,175 @@
+"""build-shards on a small real COCO set: content, read-back by webdataset and DALI, determinism,
+refusal to mix builds, image unit, output formats."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from coco_fixture import COLOURS, CATEGORIES, make_coco  # noqa: E402
+
+from preprocess.build import build  # noqa: E402
+from preprocess.config import BuildConfig  # noqa: E402
+from preprocess.plan import BuildError  # noqa: E402
+from shards.format import check_shard_files, decode_label, iter_tar_samples, read_manifest  # noqa: E402
+
+
+def cfg_for(root: Path, out: Path, **kw) -> BuildConfig:
+    base = dict(source="coco", annotations=str(root / "ann.json"), images=str(root / "images"), size=32,
+                shard_size=4, out=str(out), progress=False, sigma_frac=0.0)
+    base.update(kw)
+    return BuildConfig(**base)
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    make_coco(root, num_images=6, objects=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(coco, tmp_path_factory):
+    out = tmp_path_factory.mktemp("built") / "train"
+    manifest = build(cfg_for(coco, out), log=lambda *_: None)
+    return out, manifest
+
+
+def test_manifest_counts_and_files(built):
+    out, manifest = built
+    m = read_manifest(out)
+    assert m.classes == [c["name"] for c in CATEGORIES]
+    assert manifest["counts"] == {"read": 19, "written": 18, "skipped": {"crowd annotation": 1}}
+    assert m.num_samples == 18 and len(m.shards) >= 4  # 3 objects per image, <= 4 per shard
+    assert all(s["samples"] <= 4 for s in m.shards)
+    assert check_shard_files(m, full=True) == []
+    assert m.image == {"format": "jpg", "height": 32, "width": 32, "channels": 3}
+    assert "workers" not in m.raw["config"] and m.raw["config"]["size"] == 32
+    text = (out / "manifest.json").read_text()
+    assert str(out.parent) not in text  # no absolute output path in the manifest
+
+
+def test_samples_match_objects(built, coco):
+    """Each object crop: label = its category, hard saliency covers pixels of the object's colour."""
+    out, _ = built
+    doc = json.loads((coco / "ann.json").read_text())
+    cat_of = {str(a["id"]): a["category_id"] for a in doc["annotations"]}
+    index_of = {c["id"]: i for i, c in enumerate(CATEGORIES)}
+    seen = 0
+    for tar in sorted(out.glob("*.tar")):
+        labels = []
+        for s in iter_tar_samples(tar):
+            meta = json.loads(s["json"])
+            label = decode_label(s["label.i64"])
+            assert label == int(s["cls"]) == index_of[cat_of[meta["annotation_id"]]]
+            img = cv2.imdecode(np.frombuffer(s["jpg"], np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+            sal = cv2.imdecode(np.frombuffer(s["sal.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+            assert img.shape == (32, 32, 3) and sal.shape == (32, 32) and set(np.unique(sal)) <= {0, 255}
+            colour = np.array(COLOURS[cat_of[meta["annotation_id"]]])
+            # a pixel looks like the object when nearer its colour than the dark background (~30)
+            like = np.abs(img.astype(int) - colour).sum(axis=2) < np.abs(img.astype(int) - 30).sum(axis=2)
+            inside = sal == 255
+            # the object's own pixels are (almost all) salient; the background (almost all) not
+            assert inside.sum() > 30 and (like & inside).sum() / inside.sum() > 0.85
+            assert (like & ~inside).sum() < 0.15 * inside.sum()
+            assert len(meta["boxes"]) == 1
+            labels.append(label)
+            seen += 1
+    assert seen == 18
+
+
+def test_readback_webdataset_and_dali_identical(built):
+    import webdataset as wds
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    out, _ = built
+    m = read_manifest(out)
+    urls = [str(p) for p in m.tar_paths()]
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    ref = [(s["__key__"], s["jpg"], s["sal.png"], s["label.i64"]) for s in ds]
+    assert len(ref) == m.num_samples
+    pipe = Pipeline(batch_size=len(ref), num_threads=1, device_id=None)
+    with pipe:
+        jpg, sal, label = fn.readers.webdataset(paths=urls, index_paths=[str(p) for p in m.index_paths()],
+                                                ext=["jpg", "sal.png", "label.i64"],
+                                                dtypes=[types.UINT8, types.UINT8, types.INT64],
+                                                missing_component_behavior="error", random_shuffle=False)
+        pipe.set_outputs(jpg, sal, label, fn.decoders.image(sal, output_type=types.GRAY))
+    pipe.build()
+    jpg_b, sal_b, label_b, sal_dec = pipe.run()
+    for i, (key, j, s, lab) in enumerate(ref):
+        assert bytes(np.array(jpg_b[i])) == j, key
+        assert bytes(np.array(sal_b[i])) == s, key
+        assert int(np.array(label_b[i]).reshape(-1)[0]) == decode_label(lab)
+        assert np.array_equal(np.array(sal_dec[i])[..., 0], cv2.imdecode(np.frombuffer(s, np.uint8), 0))
+
+
+def test_rebuild_is_identical_and_workers_do_not_matter(built, coco, tmp_path):
+    out, _ = built
+    other = tmp_path / "w2"
+    build(cfg_for(coco, other, workers=2), log=lambda *_: None)
+    assert files_of(other) == files_of(out)
+
+
+def test_rerun_keeps_shards_and_refuses_other_config(built, coco, tmp_path):
+    out = tmp_path / "o"
+    build(cfg_for(coco, out), log=lambda *_: None)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    logs = []
+    build(cfg_for(coco, out), log=logs.append)
+    assert "already complete, 0 to build" in logs[0]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
+    with pytest.raises(BuildError, match=r"config differs in size.*--overwrite"):
+        build(cfg_for(coco, out, size=48), log=lambda *_: None)
+    assert read_manifest(out).image["height"] == 32  # untouched
+    build(cfg_for(coco, out, size=48, overwrite=True), log=lambda *_: None)
+    assert read_manifest(out).image["height"] == 48
+
+
+def test_changed_input_refuses(coco, tmp_path):
+    root = tmp_path / "c"
+    make_coco(root, num_images=3, objects=2)
+    out = tmp_path / "o"
+    build(cfg_for(root, out), log=lambda *_: None)
+    doc = json.loads((root / "ann.json").read_text())
+    doc["annotations"] = doc["annotations"][:-2]
+    (root / "ann.json").write_text(json.dumps(doc))
+    with pytest.raises(BuildError, match="inputs changed"):
+        build(cfg_for(root, out), log=lambda *_: None)
+
+
+def test_image_unit_png_and_raw(coco, tmp_path):
+    m = build(cfg_for(coco, tmp_path / "img", unit="image", image_format="png", size=40), log=lambda *_: None)
+    assert m["counts"]["written"] == 6 and m["counts"]["skipped"] == {}
+    first = next(iter_tar_samples(next((tmp_path / "img").glob("*.tar"))))
+    img = cv2.imdecode(np.frombuffer(first["png"], np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (40, 40, 3)
+    # 160x120 padded to a square: top and bottom rows are padding, not image
+    assert img[0].max() == 0 and img[-1].max() == 0 and img[20].max() > 0
+    assert len(json.loads(first["json"])["boxes"]) >= 3  # all objects of the image
+    m = build(cfg_for(coco, tmp_path / "raw", image_format="raw", size=16), log=lambda *_: None)
+    s = next(iter_tar_samples(next((tmp_path / "raw").glob("*.tar"))))
+    assert len(s["raw"]) == 16 * 16 * 3 and m["image"]["format"] == "raw"
+
+
+def test_box_saliency_and_blur(coco, tmp_path):
+    build(cfg_for(coco, tmp_path / "box", saliency="box"), log=lambda *_: None)
+    s = next(iter_tar_samples(next((tmp_path / "box").glob("*.tar"))))
+    sal = cv2.imdecode(np.frombuffer(s["sal.png"], np.uint8), 0)
+    ys, xs = np.nonzero(sal == 255)
+    # a box map is a filled rectangle
+    assert (sal[ys.min():ys.max() + 1, xs.min():xs.max() + 1] == 255).all()
+    build(cfg_for(coco, tmp_path / "soft", sigma_frac=0.1), log=lambda *_: None)
+    s = next(iter_tar_samples(next((tmp_path / "soft").glob("*.tar"))))
+    sal = cv2.imdecode(np.frombuffer(s["sal.png"], np.uint8), 0)
+    assert len(np.unique(sal)) > 10  # soft map

@@ -63,7 +63,8 @@ def _pick_dir(root: Path, given: str, defaults: tuple[str, ...], what: str) -> P
     for d in defaults:
         if (root / d).is_dir():
             return root / d
-    raise MaskFolderLayoutError(f"{root}: no {what} folder (looked for {', '.join(defaults)}/; pass --{what} DIR)")
+    raise MaskFolderLayoutError(f"{root}: no {what} folder (looked for {', '.join(d + '/' for d in defaults)}; "
+                                f"pass --{what} DIR)")
 
 
 def _index_files(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:

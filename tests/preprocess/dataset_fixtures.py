@@ -33,7 +33,7 @@ def foolbox_data_dir() -> Path | str:
     wheels = sorted(CACHE.glob(f"foolbox-{FOOLBOX_VERSION}-*.whl"))
     if not wheels:
         try:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--retries", "1", "--timeout", "20",
                             f"foolbox=={FOOLBOX_VERSION}", "-d", str(CACHE)],
                            check=True, capture_output=True, timeout=180)
         except (subprocess.SubprocessError, OSError) as e:

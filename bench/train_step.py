@@ -65,15 +65,15 @@ def bench_steps(args, device):
     s = torch.rand(args.batch_size, 1, args.image_size, args.image_size, device=device) * 2 - 1
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    if device.type == "cuda":
+    channels_last = device.type == "cuda"  # as fit does: model NHWC, Method converts what the model sees
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator(device=device).manual_seed(0)
     methods = []
     for label, name, kw in METHODS:
         cls = UnfusedSat if kw.get("unfused") else Method
-        methods.append((label, cls(name, **{k: v for k, v in kw.items() if k != "unfused"})))
+        methods.append((label, cls(name, channels_last=channels_last, **{k: v for k, v in kw.items() if k != "unfused"})))
 
     def step(method):
         if autocast is not None:

@@ -23,6 +23,7 @@ weights, bit for bit, as an uninterrupted run.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -46,6 +47,15 @@ from shards.format import ShardFormatError, atomic_write_json
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
 USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LoaderError)
+
+
+def satpipe_version() -> str:
+    # the installed distribution's version: `sat_train.__version__` is missing when an old editable
+    # install maps sat_train as a namespace package (its __init__ never runs outside the repo root)
+    try:
+        return importlib.metadata.version("satpipe")
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(sat_train, "__version__", "unknown")
 
 
 def _seed(*parts: int) -> int:
@@ -131,7 +141,7 @@ def fit(cfg: TrainConfig, info: D.DistInfo | None = None, return_model: bool = F
         model = torch.nn.parallel.DistributedDataParallel(bare, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
-    method = Method.from_config(cfg)
+    method = Method.from_config(cfg, channels_last=channels_last)
     dtype = amp_dtype(cfg, device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -154,7 +164,7 @@ def fit(cfg: TrainConfig, info: D.DistInfo | None = None, return_model: bool = F
         gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, epoch, info.rank))
         coin = torch.Generator().manual_seed(_seed(cfg.seed, epoch, 1 << 20))  # same on every rank
         stats = run_epoch(model, bare, loader, method, optimizer, scheduler, scaler, autocast, p, gen, coin, cfg,
-                          steps_per_epoch, channels_last, info, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+                          steps_per_epoch, info, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         t_train += stats["epoch_time_s"]
         row = {"epoch": epoch, "p": p, **stats}
         history.append(row)
@@ -163,7 +173,7 @@ def fit(cfg: TrainConfig, info: D.DistInfo | None = None, return_model: bool = F
                 "model": bare.state_dict(), "model_spec": spec, "config": cfg.to_dict(), "epoch": epoch + 1,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
                 "classes": list(manifest.classes), "shards_fingerprint": manifest.fingerprint,
-                "satpipe_version": sat_train.__version__})
+                "satpipe_version": satpipe_version()})
             with open(run / "metrics.jsonl", "a") as f:  # after the checkpoint: a line never outlives its weights
                 f.write(json.dumps(row) + "\n")
         D.barrier(info)
@@ -177,7 +187,7 @@ def fit(cfg: TrainConfig, info: D.DistInfo | None = None, return_model: bool = F
 
 
 def run_epoch(model, bare, loader, method, optimizer, scheduler, scaler, autocast, p, gen, coin, cfg, steps,
-              channels_last, info, desc) -> dict:
+              info, desc) -> dict:
     from tqdm import tqdm
 
     model.train()
@@ -190,8 +200,6 @@ def run_epoch(model, bare, loader, method, optimizer, scheduler, scaler, autocas
     for i, (x, s, y) in enumerate(loader):
         if i >= steps:
             break
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
             out = method.step(model, bare, x, s, y, p=p, generator=gen, coin=coin)
         optimizer.zero_grad(set_to_none=True)
@@ -265,7 +273,7 @@ def _summary(cfg, manifest, run, rows, info, epochs_done) -> dict:
             "epochs_planned": cfg.epochs, "train_time_s": train_time, "images_per_s": images / train_time if train_time else 0.0,
             "final_loss": last.get("loss"), "final_train_acc": last.get("train_acc"), "final_input_acc": last.get("input_acc"),
             "final_p": last.get("p"), "world_size": info.world_size, "device": str(info.device),
-            "shards_fingerprint": manifest.fingerprint, "satpipe_version": sat_train.__version__}
+            "shards_fingerprint": manifest.fingerprint, "satpipe_version": satpipe_version()}
 
 
 def _print_summary(s: dict, stopped: bool) -> None:

@@ -74,7 +74,8 @@ class Method:
 
     def __init__(self, name: str, *, eps: float = 8 / 255, sat_per_pixel: bool = False, mix_prob: float = 0.5,
                  pgd_steps: int = 7, pgd_alpha: float = 2 / 255, trades_beta: float = 6.0, trades_steps: int = 10,
-                 fgsm_alpha: float = 1.25, attack_bn: str = "auto", label_smoothing: float = 0.0):
+                 fgsm_alpha: float = 1.25, attack_bn: str = "auto", label_smoothing: float = 0.0,
+                 channels_last: bool = False):
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
         if attack_bn not in ATTACK_BN_MODES:
@@ -85,13 +86,14 @@ class Method:
         self.trades_beta, self.trades_steps, self.fgsm_alpha = trades_beta, trades_steps, fgsm_alpha
         self.attack_bn = LITERATURE_BN.get(name, "train") if attack_bn == "auto" else attack_bn
         self.label_smoothing = label_smoothing
+        self.channels_last = channels_last  # CUDA: tensors the model sees go NHWC (faster convolutions)
 
     @classmethod
-    def from_config(cls, cfg) -> "Method":
+    def from_config(cls, cfg, channels_last: bool = False) -> "Method":
         return cls(cfg.method, eps=cfg.eps, sat_per_pixel=cfg.sat_per_pixel, mix_prob=cfg.mix_prob,
                    pgd_steps=cfg.pgd_steps, pgd_alpha=cfg.pgd_alpha, trades_beta=cfg.trades_beta,
                    trades_steps=cfg.trades_steps, fgsm_alpha=cfg.fgsm_alpha, attack_bn=cfg.attack_bn,
-                   label_smoothing=cfg.label_smoothing)
+                   label_smoothing=cfg.label_smoothing, channels_last=channels_last)
 
     @property
     def trains_on_clean(self) -> bool:
@@ -133,34 +135,31 @@ class Method:
 
     def step(self, model, bare, x, s, y, *, p: float, generator: torch.Generator | None,
              coin: torch.Generator | None) -> StepResult:
+        """Loss of one batch. x arrives NCHW-contiguous; with channels_last set, what the model sees is
+        converted once (SAT perturbs the NCHW tensor first, so its kernel reads x without a copy)."""
         name = self.name
         if name in ("sat+pgd", "sat+trades"):
             heads = bool(torch.rand(1, generator=coin).item() < self.mix_prob)
             base = name.split("+")[1]
             name = ("sat" if base == "pgd" else "trades-sat") if heads else base
         if name == "standard":
-            logits = model(x)
+            logits = model(self.fmt(x))
             return StepResult(self.ce(logits, y), logits, logits, "clean")
-        if name in ("sat", "pgd", "fgsm-rs"):
-            if name == "sat":
-                x_train = self.sat(x, s, p, generator)
-            elif name == "pgd":
-                x_train = self.pgd(bare, x, y, generator)
-            else:
-                x_train = self.fgsm_rs(bare, x, y, generator)
-            x_train = x_train.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else x_train
-            logits = model(x_train)
+        if name == "sat":
+            logits = model(self.fmt(self.sat(x, s, p, generator)))
+            return StepResult(self.ce(logits, y), logits, None, "sat")
+        if name in ("pgd", "fgsm-rs"):
+            attack = self.pgd if name == "pgd" else self.fgsm_rs
+            logits = model(attack(bare, self.fmt(x), y, generator))
             return StepResult(self.ce(logits, y), logits, None, name)
         # trades / trades with the SAT point in place of the inner maximization
-        x_adv = self.sat(x, s, p, generator) if name == "trades-sat" else self.trades_inner(bare, x, generator)
-        if _is_channels_last(x):
-            x_adv = x_adv.contiguous(memory_format=torch.channels_last)
-        logits = model(x)
+        xf = self.fmt(x)
+        x_adv = self.fmt(self.sat(x, s, p, generator)) if name == "trades-sat" else self.trades_inner(bare, xf, generator)
+        logits = model(xf)
         logits_adv = model(x_adv)
         robust = kl_sum(logits_adv, F.softmax(logits.float(), dim=1)) / len(x)
         loss = self.ce(logits, y) + self.trades_beta * robust
         return StepResult(loss, logits_adv, logits, "sat" if name == "trades-sat" else "trades")
 
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    def fmt(self, t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t

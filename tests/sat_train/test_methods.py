@@ -128,3 +128,17 @@ def test_all_methods_known_and_bad_name():
     assert set(METHODS) == {"standard", "sat", "pgd", "sat+pgd", "trades", "sat+trades", "fgsm-rs"}
     with pytest.raises(ValueError, match="unknown method"):
         Method("mixup")
+
+
+@pytest.mark.parametrize("name", ["sat", "pgd", "trades"])
+def test_channels_last_changes_layout_not_results(name):
+    losses = []
+    for cl in (False, True):
+        model, x, s, y = setup()  # fresh: the first pass moves BatchNorm running stats the eval-mode attack reads
+        g, c = gens()
+        out = Method(name, channels_last=cl, pgd_steps=2, trades_steps=2).step(model, model, x, s, y, p=0.5,
+                                                                           generator=g, coin=c)
+        losses.append(out.loss.item())
+        seen = model.calls[-1][0]
+        assert seen.is_contiguous(memory_format=torch.channels_last) or not cl
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +27,21 @@ from preprocess.sources import Skip, SourceError, get_source_class
 
 # ----------------------------------------------------------------------------- one shard (worker side)
 
-_W: dict = {}  # per-process worker state: source, cfg, saliency kind, out, plan digest
+@dataclass
+class Job:
+    """What a worker needs besides its shard; small (the source holds no items, no pixels)."""
+
+    source: object
+    cfg: BuildConfig
+    kind: str  # saliency kind
+    out: Path
+    plan: str  # plan digest, written into each sidecar
 
 
-def _init_worker(source, cfg: BuildConfig, kind: str, out: Path, plan: str, threads: int | None) -> None:
-    if threads is not None:  # N worker processes already fill the cores: no nested thread pools
-        import cv2
-        import numba
+def _init_worker() -> None:
+    import cv2
 
-        cv2.setNumThreads(threads)
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    _W.update(source=source, cfg=cfg, kind=kind, out=out, plan=plan)
+    cv2.setNumThreads(1)  # N worker processes already fill the cores: no nested thread pools
 
 
 def _record(counts: dict, examples: dict, skip: Skip) -> None:
@@ -47,13 +52,14 @@ def _record(counts: dict, examples: dict, skip: Skip) -> None:
         ex.append(f"{skip.id}: {skip.detail}" if skip.detail else skip.id)
 
 
-def build_shard(shard: ShardPlan) -> tuple[str, dict]:
+def build_shard(task: tuple[Job, ShardPlan]) -> tuple[str, dict]:
     """Load, render and write one shard; returns (name, sidecar). Runs in a worker (or inline)."""
     import cv2
 
     from preprocess.pipeline import make_sample
 
-    source, cfg, out = _W["source"], _W["cfg"], _W["out"]
+    job, shard = task
+    source, cfg, out = job.source, job.cfg, job.out
     remove_stale_temps(out, shard.name)
     counts = {"read": 0, "written": 0, "skipped": {}}
     examples: dict = {}
@@ -64,7 +70,7 @@ def build_shard(shard: ShardPlan) -> tuple[str, dict]:
                 _record(counts, examples, r)
                 continue
             try:
-                sample = make_sample(r, _W["kind"], cfg)
+                sample = make_sample(r, job.kind, cfg)
             except (ValueError, cv2.error) as e:
                 _record(counts, examples, Skip(item.id, "processing error", str(e).splitlines()[0][:200]))
                 continue
@@ -84,7 +90,7 @@ def build_shard(shard: ShardPlan) -> tuple[str, dict]:
             for i in order:
                 w.write(samples[int(i)])
         info = w.info.to_dict()
-    side = {"plan": _W["plan"], "shard": info, "counts": counts, "examples": examples}
+    side = {"plan": job.plan, "shard": info, "counts": counts, "examples": examples}
     atomic_write_json(state_dir(out) / f"{shard.name}.json", side)
     return shard.name, side
 
@@ -112,6 +118,23 @@ def _header(cfg: BuildConfig, source, kind: str, shards: list[ShardPlan], plan_s
 
 def build(cfg: BuildConfig, log=print) -> dict | None:
     """Run a build; returns the manifest (None for a non-final node of a multi-node build)."""
+    pool = None
+    if cfg.workers > 1:
+        # started first, so the workers' imports (torch via webdataset, ~3 s) overlap with reading
+        # the annotations. forkserver: workers come from a clean process (no threads inherited
+        # through fork) and share its preloaded imports
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["preprocess.pipeline", "preprocess.build", "webdataset"])
+        pool = ctx.Pool(cfg.workers, initializer=_init_worker)
+    try:
+        return _build(cfg, log, pool)
+    finally:
+        if pool is not None:  # after an error: stop the workers now
+            pool.terminate()
+            pool.join()
+
+
+def _build(cfg: BuildConfig, log, pool) -> dict | None:
     from preprocess.pipeline import resolve_saliency
 
     source_cls = get_source_class(cfg.source)
@@ -150,33 +173,19 @@ def build(cfg: BuildConfig, log=print) -> dict | None:
     tqdm.set_lock(threading.RLock())
     bar = tqdm(total=sum(s.expected for s in todo), unit="sample", disable=not cfg.progress or not todo,
                file=sys.stderr, dynamic_ncols=True)
-    workers = min(cfg.workers, len(todo))
-    if workers <= 1:
-        _init_worker(source, cfg, kind, out, header["plan"], None)
-        results = map(build_shard, todo)
-        pool = None
-    else:
-        # forkserver: workers start from a clean process (no OpenMP/numba threads inherited through
-        # fork) and share its imports, so starting them is cheap after the first time
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["preprocess.pipeline", "preprocess.build", "webdataset"])
-        pool = ctx.Pool(workers, initializer=_init_worker,
-                        initargs=(source, cfg, kind, out, header["plan"], 1))
-        results = pool.imap_unordered(build_shard, todo)
+    job = Job(source, cfg, kind, out, header["plan"])
+    tasks = [(job, s) for s in todo]
+    results = pool.imap_unordered(build_shard, tasks) if pool is not None else map(build_shard, tasks)
     by_name = {s.name: s for s in todo}
     try:
         for name, side in results:
             sides[name] = side
             bar.update(by_name[name].expected)
-        if pool is not None:
-            pool.close()  # workers exit on their own (terminate would skip their cleanup)
-            pool.join()
-            pool = None
     finally:
         bar.close()
-        if pool is not None:  # an error: stop the other workers now
-            pool.terminate()
-            pool.join()
+    if pool is not None:
+        pool.close()  # workers exit on their own (terminate would skip their cleanup)
+        pool.join()
     atomic_write_json(state_dir(out) / f"node-{cfg.node_rank}-of-{cfg.num_nodes}.json",
                       {"plan": header["plan"], "shards": [s.name for s in mine]})
     if cfg.num_nodes > 1:

@@ -41,7 +41,16 @@ def _shape_mask(shape: Shape, crop: Crop, use_box: bool) -> np.ndarray:
     if use_box or not shape.has_mask:
         return rasterize_boxes(np.array([crop.box_to_output(shape.box)], np.float64), size, size)
     if shape.polygons is not None:
-        xy, ring_starts = polygon_rings(shape.polygons)[:2]
+        # rings as (n, 2) float arrays in one block; the rasterizer itself ignores rings with < 3
+        # points or NaNs, so no per-ring Python validation here (it is the hot loop of a build)
+        try:
+            rings = [np.asarray(r, np.float64).reshape(-1, 2) for r in shape.polygons]
+        except ValueError:  # an odd number of coordinates somewhere: the careful path drops that ring
+            xy, ring_starts = polygon_rings(shape.polygons)[:2]
+        else:
+            ring_starts = np.zeros(len(rings) + 1, np.int64)
+            np.cumsum([len(r) for r in rings], out=ring_starts[1:])
+            xy = np.concatenate(rings) if rings else np.zeros((0, 2))
         xy = crop.to_output(xy)
         ring_object = np.zeros(len(ring_starts) - 1, np.int64)
         return rasterize_polygons(xy, ring_starts, ring_object, size, size)

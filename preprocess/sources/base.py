@@ -66,7 +66,8 @@ class Shape:
     """One object's saliency geometry, in source pixel coordinates (x right, y down).
 
     `box` (x0, y0, x1, y1) is always set (clipped to the image). Finer geometry, when the source has
-    it, in one of: `polygons` (COCO style list of flat [x0, y0, x1, y1, ...] rings; even-odd holes),
+    it, in one of: `polygons` (list of rings, each a flat COCO [x0, y0, x1, y1, ...] list or an (n, 2)
+    array; rings with < 3 points or NaNs are ignored; even-odd holes),
     `rle` (COCO RLE dict, compressed or not, over the full source image), or `mask` (array over the
     full source image: uint8 {0, 1}, or float32 in [0, 1] where 0.5 means "unknown" -> saliency 0)."""
 

@@ -1,0 +1,215 @@
+"""Benchmark: `preprocess build-shards` vs a plain OpenCV + pycocotools loop, objects/s.
+
+    python bench/build_shards.py            # >= 20k objects, sizes 32 and 64, 1 and 2 workers
+    python bench/build_shards.py --quick    # ~2k objects: a smoke run
+
+Generates (once, cached under --data) a COCO-like set: 640x480 photo-like JPEGs (smooth colour
+fields + texture + shaded objects), ~7 objects per image, polygons of 20-40 vertices. Rows:
+  (a) satpipe   build-shards (object unit, jpg, saliency polygons -> blurred map), whole command
+  (b) naive     decode each image once; per object pycocotools annToMask at full resolution, square
+                crop + pad, cv2.resize image and mask, cv2.GaussianBlur, imencode jpg + png, TarWriter
+  (c) repack    the same loop without saliency (the floor of any decode/crop/encode/write pipeline)
+at 1 and 2 worker processes (b and c: images split between processes, each writing its own tars).
+Targets (issue 2): (a) >= 3x (b); (a) within 1.25x of (c)'s time; (a) at 2 workers >= 1.7x 1 worker.
+Prints a table and writes it to bench/results/build_shards.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "build_shards.md"
+
+
+# ----------------------------------------------------------------------------- data
+
+def _photo(rng, h=480, w=640) -> np.ndarray:
+    """Smooth colour fields + fine texture: compresses and decodes like a photo, unlike flat noise."""
+    base = cv2.resize(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+    tex = cv2.GaussianBlur(rng.normal(0, 18, (h, w)).astype(np.float32), (0, 0), 1.2)
+    return np.clip(base.astype(np.float32) + tex[..., None], 0, 255).astype(np.uint8)
+
+
+def generate(root: Path, num_objects: int, seed: int = 0) -> Path:
+    """COCO-like dataset with >= num_objects objects; reused when already generated."""
+    ann_path = root / "instances.json"
+    if ann_path.is_file() and json.loads((root / "done.json").read_text()).get("objects", 0) >= num_objects:
+        return ann_path
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    cats = [{"id": i + 1, "name": f"class{i}"} for i in range(20)]
+    images, anns = [], []
+    i = 0
+    while len(anns) < num_objects:
+        img = _photo(rng)
+        for _ in range(int(rng.integers(5, 10))):  # ~7 per image
+            r = float(rng.uniform(15, 110))
+            cx, cy = rng.uniform(0, 640), rng.uniform(0, 480)
+            n = int(rng.integers(20, 41))
+            ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+            rad = r * rng.uniform(0.6, 1.0, n)
+            poly = np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1)
+            poly = np.clip(poly, 0, [639.9, 479.9]).round(2)
+            colour = rng.integers(0, 255, 3).tolist()
+            cv2.fillPoly(img, [np.round(poly).astype(np.int32)], colour)
+            x0, y0 = poly.min(0)
+            x1, y1 = poly.max(0)
+            if x1 - x0 < 4 or y1 - y0 < 4:
+                continue
+            area = 0.5 * abs(np.dot(poly[:, 0], np.roll(poly[:, 1], 1)) - np.dot(poly[:, 1], np.roll(poly[:, 0], 1)))
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(rng.integers(1, 21)),
+                         "iscrowd": 0, "segmentation": [poly.ravel().tolist()], "area": float(area),
+                         "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]})
+        name = f"{i + 1:012d}.jpg"
+        cv2.imwrite(str(root / "images" / name), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        images.append({"id": i + 1, "file_name": name, "width": 640, "height": 480})
+        i += 1
+    ann_path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    (root / "done.json").write_text(json.dumps({"objects": len(anns), "images": len(images)}))
+    return ann_path
+
+
+# ----------------------------------------------------------------------------- the plain loop (b, c)
+
+def _naive_worker(args) -> int:
+    ann_path, img_dir, image_ids, size, sigma_frac, saliency, out_dir, rank = args
+    import webdataset as wds
+    from pycocotools.coco import COCO
+
+    cv2.setNumThreads(1)
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints timing lines
+        coco = COCO(str(ann_path))
+    written, shard = 0, 0
+    sink = wds.TarWriter(str(Path(out_dir) / f"naive-{rank}-{shard:06d}.tar"))
+    for image_id in image_ids:
+        info = coco.imgs[image_id]
+        img = cv2.imread(str(Path(img_dir) / info["file_name"]), cv2.IMREAD_COLOR)
+        for ann in coco.imgToAnns[image_id]:
+            x, y, w, h = ann["bbox"]
+            side = max(w, h) * 1.5
+            x0, y0 = int(round(x + w / 2 - side / 2)), int(round(y + h / 2 - side / 2))
+            s = max(1, int(round(side)))
+            pad = s  # pad so any window fits
+            big = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+            crop = big[y0 + pad:y0 + pad + s, x0 + pad:x0 + pad + s]
+            crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+            sample = {"__key__": f"{image_id}_{ann['id']}", "jpg": cv2.imencode(".jpg", crop)[1].tobytes(),
+                      "cls": str(ann["category_id"]).encode()}
+            if saliency:
+                mask = coco.annToMask(ann)
+                mbig = cv2.copyMakeBorder(mask, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+                m = mbig[y0 + pad:y0 + pad + s, x0 + pad:x0 + pad + s].astype(np.float32)
+                m = cv2.resize(m, (size, size), interpolation=cv2.INTER_AREA)
+                m = cv2.GaussianBlur(m, (0, 0), sigma_frac * size) if sigma_frac > 0 else m
+                sal = np.clip(np.rint(m * 255.0), 0, 255).astype(np.uint8)  # = round((s + 1) * 127.5), s = 2m - 1
+                sample["sal.png"] = cv2.imencode(".png", sal)[1].tobytes()
+            sink.write(sample)
+            written += 1
+            if written % 1000 == 0:
+                sink.close()
+                shard += 1
+                sink = wds.TarWriter(str(Path(out_dir) / f"naive-{rank}-{shard:06d}.tar"))
+    sink.close()
+    return written
+
+
+def run_naive(ann_path: Path, img_dir: Path, size: int, sigma_frac: float, saliency: bool, workers: int,
+              out_dir: Path) -> int:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    ids = [im["id"] for im in json.loads(ann_path.read_text())["images"]]
+    parts = [(ann_path, img_dir, ids[r::workers], size, sigma_frac, saliency, out_dir, r) for r in range(workers)]
+    if workers == 1:
+        return _naive_worker(parts[0])
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return sum(pool.map(_naive_worker, parts))
+
+
+def run_satpipe(ann_path: Path, img_dir: Path, size: int, sigma_frac: float, workers: int, out_dir: Path) -> int:
+    from preprocess.build import build
+    from preprocess.config import BuildConfig
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cfg = BuildConfig(source="coco", annotations=str(ann_path), images=str(img_dir), size=size,
+                      sigma_frac=sigma_frac, context=0.25, out=str(out_dir), workers=workers, progress=False)
+    manifest = build(cfg, log=lambda *_: None)
+    return manifest["counts"]["written"]
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="~2k objects, one size (smoke run)")
+    ap.add_argument("--objects", type=int, default=None, help="objects to generate (default 20000; quick 2000)")
+    ap.add_argument("--data", default="/tmp/satpipe-bench/coco", help="where the generated data set is cached")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="output sizes (default 32 64)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--sigma-frac", type=float, default=0.05)
+    args = ap.parse_args(argv)
+    objects = args.objects or (2000 if args.quick else 20000)
+    sizes = args.sizes or ([64] if args.quick else [32, 64])
+    data = Path(args.data)
+    t = time.perf_counter()
+    ann_path = generate(data, objects)
+    print(f"data: {json.loads((data / 'done.json').read_text())} in {data} ({time.perf_counter() - t:.0f}s)")
+    work = data.parent / "out"
+    # warm-up (numba cache, imports) so the first timed row does not pay for compilation
+    tiny = data.parent / "tiny"
+    generate(tiny, 20)
+    run_satpipe(tiny / "instances.json", tiny / "images", 32, args.sigma_frac, 1, work / "warm")
+
+    rows = []
+    for size in sizes:
+        for workers in args.workers:
+            res = {}
+            for name, fn in (("a", lambda o: run_satpipe(ann_path, data / "images", size, args.sigma_frac, workers, o)),
+                             ("b", lambda o: run_naive(ann_path, data / "images", size, args.sigma_frac, True, workers, o)),
+                             ("c", lambda o: run_naive(ann_path, data / "images", size, args.sigma_frac, False, workers, o))):
+                t = time.perf_counter()
+                n = fn(work / name)
+                res[name] = (n, time.perf_counter() - t)
+                print(f"size {size} workers {workers} ({name}): {n} objects in {res[name][1]:.1f}s "
+                      f"= {n / res[name][1]:.0f} obj/s", flush=True)
+            rows.append((size, workers, res))
+    shutil.rmtree(work, ignore_errors=True)
+
+    one = {size: res for size, w, res in rows if w == 1}
+    lines = ["| size | workers | (a) satpipe obj/s | (b) naive obj/s | (c) repack obj/s | a/b (>= 3) "
+             "| time a / time c (<= 1.25) | a: speedup vs 1 worker (>= 1.7) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for size, workers, res in rows:
+        rate = {k: v[0] / v[1] for k, v in res.items()}
+        speed = f"{one[size]['a'][1] / res['a'][1]:.2f}x" if size in one and workers != 1 else "-"
+        lines.append(f"| {size} | {workers} | {rate['a']:.0f} | {rate['b']:.0f} | {rate['c']:.0f} | "
+                     f"{rate['a'] / rate['b']:.2f}x | {res['a'][1] / res['c'][1]:.2f} | {speed} |")
+    meta = json.loads((data / "done.json").read_text())
+    table = "\n".join(lines)
+    text = (f"# bench/build_shards.py\n\n`python bench/build_shards.py{' --quick' if args.quick else ''}` "
+            f"on {os.cpu_count()} CPU cores; {meta['objects']} objects in {meta['images']} 640x480 JPEGs, "
+            f"sigma_frac {args.sigma_frac}, jpg output. Times are whole runs (planning, worker start, manifest "
+            f"included).\n\n{table}\n")
+    print("\n" + table)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, RESULTS)
+    print(f"\nwrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

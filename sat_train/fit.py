@@ -269,11 +269,19 @@ def _summary(cfg, manifest, run, rows, info, epochs_done) -> dict:
     images = sum(r.get("images", 0) for r in rows)
     mcfg = manifest.raw.get("config", {})
     return {"method": cfg.method, "arch": cfg.arch, "run": str(run), "shards": str(manifest.root),
-            "saliency_source": mcfg.get("saliency"), "epochs": epochs_done,
+            "data_source": mcfg.get("source"), "saliency_source": _saliency_kind(manifest), "epochs": epochs_done,
             "epochs_planned": cfg.epochs, "train_time_s": train_time, "images_per_s": images / train_time if train_time else 0.0,
             "final_loss": last.get("loss"), "final_train_acc": last.get("train_acc"), "final_input_acc": last.get("input_acc"),
             "final_p": last.get("p"), "world_size": info.world_size, "device": str(info.device),
             "shards_fingerprint": manifest.fingerprint, "satpipe_version": satpipe_version()}
+
+
+def _saliency_kind(manifest):
+    """How the shards' saliency maps were made: the manifest's saliency block, else its build config."""
+    block = manifest.raw.get("saliency")
+    if isinstance(block, dict) and block.get("kind"):
+        return block["kind"]
+    return manifest.raw.get("config", {}).get("saliency")
 
 
 def _print_summary(s: dict, stopped: bool) -> None:
@@ -281,7 +289,7 @@ def _print_summary(s: dict, stopped: bool) -> None:
     fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [f"sat-train fit: {head}",
              f"  run            {s['run']}",
-             f"  method         {s['method']} ({s['arch']}), saliency {fmt(s['saliency_source'])}",
+             f"  method         {s['method']} ({s['arch']}) on {fmt(s['data_source'])}, saliency {fmt(s['saliency_source'])}",
              f"  epochs         {s['epochs']}/{s['epochs_planned']}  on {s['world_size']} x {s['device']}",
              f"  train time     {s['train_time_s']:.1f} s   ({s['images_per_s']:.0f} images/s)",
              f"  final loss     {fmt(s['final_loss'])}   clean train acc {fmt(s['final_train_acc'])}"

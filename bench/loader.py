@@ -116,11 +116,12 @@ def main(argv=None) -> None:
             print(f"{size}x{size}: torch {base:,.0f} img/s, {dali_name} {dali:,.0f} img/s, ratio {dali / base:.2f}x",
                   flush=True)
 
+    command = " ".join(["python bench/loader.py", *(argv if argv is not None else sys.argv[1:])])
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     lines = [
         "# Loader throughput (bench/loader.py)", "",
-        f"`python bench/loader.py {' '.join(argv if argv is not None else sys.argv[1:])}`: {args.images} JPEG images per size "
+        f"`{command}`: {args.images} JPEG images per size "
         f"(+ PNG saliency), batch {args.batch_size}, train mode (shuffle, pad-4 crop + flip on image and saliency), "
         f"{args.workers} worker threads each, {args.epochs} timed epochs after a warm-up epoch, output on `{device}`. "
         f"Host: {os.cpu_count()} cores, {cpu}; GPU: {gpu}. Load average {load_before:.1f} at start, "

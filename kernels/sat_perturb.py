@@ -146,6 +146,8 @@ def sat_perturb(x: torch.Tensor, s: torch.Tensor, eps: float, p: float, generato
     s = s.detach().contiguous()
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError("sat_perturb: `out` must be a contiguous tensor of x's shape, dtype and device")
     if backend == "auto":
         if x.is_cuda:
             backend = "triton"

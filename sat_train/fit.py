@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:  # a user's mistake: one line, no traceback
         print(f"sat-train fit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the last completed epoch is in checkpoints/last.pt
+        print("sat-train fit: interrupted; continue with --resume --run RUN", file=sys.stderr)
+        return 130
     finally:
         if info is not None:
             D.teardown(info)

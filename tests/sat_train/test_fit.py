@@ -76,3 +76,16 @@ def test_cli_errors_are_one_line(tiny_shards, tmp_path, capsys):
     assert main(["--run", str(tmp_path / "r3"), "--resume"]) == 2
     assert "config.json" in capsys.readouterr().err
     assert main(["--epochs", "1"]) == 2 and "--shards" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["sat", "sat+trades"])
+def test_cuda_bf16_channels_last(method, tiny_shards, tmp_path):
+    shards = tiny_shards(num_samples=128, per_shard=32)
+    run = tmp_path / "run"
+    summary = fit(tiny_cfg(shards, run, method=method, device="cuda", amp="bf16", channels_last=True,
+                           loader_backend="auto", num_workers=2))
+    rows = read_metrics(run)
+    assert summary["device"].startswith("cuda") and rows[1]["loss"] < rows[0]["loss"]
+    model, ckpt = load_model(run, device="cpu")
+    assert next(model.parameters()).device.type == "cpu" and ckpt["epoch"] == 2

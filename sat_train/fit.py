@@ -39,10 +39,10 @@ import sat_train
 from sat_train import distributed as D
 from sat_train.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from sat_train.config import ConfigError, TrainConfig, from_dict, load_saved, parse_argv, resume_values
+from sat_train.loader import LoaderError
 from sat_train.methods import Method, curriculum_p
 from sat_train.models import build_model, model_spec
 from sat_train.optim import make_optimizer, make_scheduler
-from sat_train.loader import LoaderError
 from shards.format import ShardFormatError, atomic_write_json
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
@@ -89,6 +89,14 @@ def amp_dtype(cfg: TrainConfig, device: torch.device):
 def fit(cfg: TrainConfig, info: D.DistInfo | None = None, return_model: bool = False):
     """Train as `cfg` says; returns the summary dict (rank 0 also writes it to RUN/summary.json),
     or (this process's bare model, summary) with return_model=True."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _fit(cfg, info, return_model)
+    finally:  # process-wide switch: leave it as found for whoever runs next in this process
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
     from sat_train.loader import make_loader
 
     info = info or D.DistInfo(device=D.resolve_device(cfg.device))
@@ -156,7 +164,7 @@ def fit(cfg: TrainConfig, info: D.DistInfo | None = None, return_model: bool = F
               f"(global {cfg.batch_size * info.world_size}), {steps_per_epoch} steps/epoch, loader {loader.backend}, "
               f"amp {dtype}, epochs {start_epoch}->{cfg.epochs}\nconfig:\n{cfg.pretty()}", file=sys.stderr)
 
-    history, t_train = [], 0.0
+    history = []
     last_epoch = cfg.epochs if not cfg.stop_after_epochs else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
     for epoch in range(start_epoch, last_epoch):
         p = cfg.sat_p if cfg.sat_p is not None else curriculum_p(epoch, cfg.sat_a)
@@ -165,17 +173,18 @@ def fit(cfg: TrainConfig, info: D.DistInfo | None = None, return_model: bool = F
         coin = torch.Generator().manual_seed(_seed(cfg.seed, epoch, 1 << 20))  # same on every rank
         stats = run_epoch(model, bare, loader, method, optimizer, scheduler, scaler, autocast, p, gen, coin, cfg,
                           steps_per_epoch, info, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        t_train += stats["epoch_time_s"]
         row = {"epoch": epoch, "p": p, **stats}
         history.append(row)
         if main:
+            # metrics line first, checkpoint second: after a crash between the two, --resume redoes the
+            # epoch and drops the line (_trim_metrics); the other order could lose an epoch's line
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
             save_checkpoint(checkpoint_path(run), {
                 "model": bare.state_dict(), "model_spec": spec, "config": cfg.to_dict(), "epoch": epoch + 1,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
                 "classes": list(manifest.classes), "shards_fingerprint": manifest.fingerprint,
                 "satpipe_version": satpipe_version()})
-            with open(run / "metrics.jsonl", "a") as f:  # after the checkpoint: a line never outlives its weights
-                f.write(json.dumps(row) + "\n")
         D.barrier(info)
     loader.close()
     summary = _summary(cfg, manifest, run, _read_metrics(run / "metrics.jsonl") if main else history, info, last_epoch)
@@ -245,7 +254,7 @@ def _zero(device):
 
 
 def _trim_metrics(path: Path, start_epoch: int) -> None:
-    """On resume, drop lines of epochs after the checkpoint (a crash between the two writes)."""
+    """On resume, drop lines of epochs the checkpoint does not hold (a crash between the two writes)."""
     if path.exists():
         keep = [r for r in _read_metrics(path) if r["epoch"] < start_epoch]
         atomic_write_json_lines(path, keep)

@@ -51,3 +51,9 @@ def test_resume_refuses_other_settings(tiny_shards, tmp_path, capsys):
     other = tiny_shards(num_samples=32, per_shard=16, seed=5)
     assert main(["--run", str(run), "--resume", "--shards", str(other)]) == 2
     assert "fingerprint differs" in capsys.readouterr().err
+
+
+def test_fit_leaves_the_determinism_switch_as_found(tiny_shards, tmp_path):
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert main(_args(tiny_shards(num_samples=32, per_shard=16), tmp_path / "run", "--epochs", "1")) == 0
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -3,7 +3,8 @@
     sat-train eval runs/sat --shards shards/fashion-mnist/test
     sat-train eval runs/sat --shards shards/fashion-mnist/test --limit 1000 --autoattack 200 --eps 2,4,8
 
-Runs clean accuracy, FGSM and PGD-k (k = 20, step eps/4, random start) at eps = 1..8/255 in L-inf, PGD in
+Runs clean accuracy, FGSM and PGD-k (k = 20, step eps/4, random start; each sample keeps its first
+fooling iterate, see --no-early-stop) at eps = 1..8/255 in L-inf, PGD in
 L2, Carlini-Wagner L2 (short budget), optionally AutoAttack on the first N samples, and the paper's
 distortions (contrast, low-pass, high-pass). Prints a table with gradient-masking warnings and writes
 RUN/eval/<shard-set name>.json atomically (per row: accuracy, n, attack parameters, time). Config: flags,
@@ -37,6 +38,7 @@ class EvalConfig:
     pgd_steps: int = 20
     pgd_step_ratio: float = 0.25  # PGD step size = eps * ratio (eps/4)
     pgd_restarts: int = 1
+    pgd_early_stop: bool = True  # each sample keeps its first fooling iterate (stronger, and cheaper; attacks.pgd)
     check_steps: list = field(default_factory=lambda: [5, 10])  # extra PGD runs at the largest eps (masking check)
     fgsm: bool = True
     l2_eps: list = field(default_factory=lambda: [0.25, 0.5, 1.0])  # L2 budgets in [0, 1] pixel units
@@ -113,6 +115,8 @@ def parse_args(argv):
     a.add_argument("--pgd-steps", type=int)
     a.add_argument("--pgd-step-ratio", type=float, help="PGD step = eps * ratio (default 0.25)")
     a.add_argument("--restarts", dest="pgd_restarts", type=int)
+    a.add_argument("--no-early-stop", dest="pgd_early_stop", action="store_const", const=False,
+                   help="plain last-iterate PGD (slower; by default each sample stops at its first fooling iterate)")
     a.add_argument("--check-steps", type=_ints, help="extra PGD step counts at the largest eps, e.g. 5,10,50")
     a.add_argument("--l2-eps", type=_floats, help="L2 eps list, e.g. 0.25,0.5")
     a.add_argument("--no-fgsm", dest="fgsm", action="store_const", const=False)

@@ -45,20 +45,21 @@ def build_specs(cfg) -> list[Spec]:
     """The rows an EvalConfig asks for, in the order they are printed."""
     specs = [Spec("clean")]
     eps_list = [e / 255 for e in cfg.eps]
-    restarts = cfg.pgd_restarts
+
+    def pgd_params(steps, step_size):
+        return {"steps": steps, "step_size": step_size, "random_start": True, "restarts": cfg.pgd_restarts,
+                "stop_when_fooled": cfg.pgd_early_stop}
+
     for e in eps_list if cfg.fgsm else []:
         specs.append(Spec("fgsm", "linf", e, params={"steps": 1, "step_size": e}))
     for e in eps_list:
-        specs.append(Spec("pgd", "linf", e, params={"steps": cfg.pgd_steps, "step_size": e * cfg.pgd_step_ratio,
-                                                    "random_start": True, "restarts": restarts}))
+        specs.append(Spec("pgd", "linf", e, params=pgd_params(cfg.pgd_steps, e * cfg.pgd_step_ratio)))
     if eps_list:
         e = max(eps_list)  # the steps sweep for the gradient-masking check, at the largest eps
         for k in sorted(set(cfg.check_steps) - {cfg.pgd_steps}):
-            specs.append(Spec("pgd", "linf", e, params={"steps": k, "step_size": e * cfg.pgd_step_ratio,
-                                                        "random_start": True, "restarts": restarts}))
-    for e in cfg.l2_eps:
-        specs.append(Spec("pgd", "l2", e, params={"steps": cfg.pgd_steps, "step_size": 2.5 * e / cfg.pgd_steps,
-                                                  "random_start": True, "restarts": restarts}))
+            specs.append(Spec("pgd", "linf", e, params=pgd_params(k, e * cfg.pgd_step_ratio)))
+    for e in cfg.l2_eps:  # step 2.5 * eps / k: Madry et al.'s rule, reaches the sphere from anywhere inside
+        specs.append(Spec("pgd", "l2", e, params=pgd_params(cfg.pgd_steps, 2.5 * e / cfg.pgd_steps)))
     if cfg.cw:
         specs.append(Spec("cw-l2", "l2", None, limit=cfg.cw, params={
             "steps": cfg.cw_steps, "search_steps": cfg.cw_search_steps, "lr": cfg.cw_lr,
@@ -91,7 +92,8 @@ def _attack(model, spec: Spec, x, y, gen, n_classes, seed, tally: _Tally) -> tor
         return attacks.fgsm(model, x, y, spec.eps)
     if spec.attack == "pgd":
         return attacks.pgd(model, x, y, spec.eps, p["step_size"], p["steps"], norm=spec.norm,
-                           random_start=p["random_start"], restarts=p["restarts"], generator=gen)
+                           random_start=p["random_start"], restarts=p["restarts"], generator=gen,
+                           stop_when_fooled=p["stop_when_fooled"])
     if spec.attack == "cw-l2":
         r = cw_l2(model, x, y, steps=p["steps"], search_steps=p["search_steps"], lr=p["lr"],
                   initial_const=p["initial_const"], confidence=p["confidence"])

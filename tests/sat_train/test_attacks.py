@@ -188,3 +188,23 @@ def test_pgd_accuracy_agrees_with_torchattacks(trained_fmnist_model):
             acc_theirs = (model(theirs).argmax(1) == y).float().mean().item()
         assert acc_ours < clean - 0.1, "PGD did not attack at all"
         assert abs(acc_ours - acc_theirs) <= 0.02, (eps * 255, acc_ours, acc_theirs)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_stop_when_fooled_is_never_weaker_and_stays_in_bounds(norm, eps, trained_fmnist_model):
+    model = trained_fmnist_model
+    x, _ = fashion_mnist("test", 200)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    plain = pgd(model, x, y, eps, eps / 4, 8, norm=norm, generator=torch.Generator().manual_seed(1))
+    early = pgd(model, x, y, eps, eps / 4, 8, norm=norm, generator=torch.Generator().manual_seed(1),
+                stop_when_fooled=True)
+    with torch.no_grad():
+        fooled_plain, fooled_early = model(plain).argmax(1) != y, model(early).argmax(1) != y
+    assert 0 < int(fooled_plain.sum()) < len(y)  # a case where the attack half works
+    # same random start and trajectory up to the first fooling iterate, which is then kept
+    assert int(fooled_early.sum()) >= int(fooled_plain.sum())
+    delta = (early - x).flatten(1)
+    assert early.min() >= 0 and early.max() <= 1
+    assert (delta.abs().max() <= eps + 1e-6) if norm == "linf" else (delta.norm(dim=1).max() <= eps * (1 + 1e-5))
+    torch.testing.assert_close(early[~fooled_early], plain[~fooled_early])  # never-fooled: same last iterate

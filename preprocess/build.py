@@ -9,6 +9,7 @@ then a sidecar records their checksum; the manifest comes last. Re-running resum
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import sys
 import threading
@@ -138,6 +139,11 @@ def _build(cfg: BuildConfig, log, pool) -> dict | None:
     from preprocess.pipeline import resolve_saliency
 
     source_cls = get_source_class(cfg.source)
+    defaults = getattr(source_cls, "config_defaults", {})
+    if cfg.unit == "auto":  # resolved before anything is saved: the manifest names the real unit
+        cfg = dataclasses.replace(cfg, unit=defaults.get("unit", source_cls.units[0]))
+    if cfg.size == 0:
+        cfg = dataclasses.replace(cfg, size=defaults.get("size", 64))
     if cfg.unit not in source_cls.units:
         raise BuildError(f"source {cfg.source!r} supports --unit {'|'.join(source_cls.units)}, not {cfg.unit!r}")
     try:

@@ -5,8 +5,8 @@
     preprocess build-shards coco --config cfg.json --seed 3   (file values, flags override)
 
 Every BuildConfig field is a flag (`--shard-size` for shard_size); a source's own `Options` fields
-are flags too. `--config FILE.json` loads a saved config (unknown keys are rejected); flags given on
-the command line win. The config is printed before the build and saved in the manifest.
+are flags too. Precedence: the source's `config_defaults` (e.g. 28 px raw for MNIST) < `--config
+FILE.json` (a saved config; unknown keys are rejected) < flags given on the command line. The config is printed before the build and saved in the manifest.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ _HELP = {
     "root": "dataset folder (sources that read a folder layout)",
     "annotations": "annotation file (COCO: instances JSON)",
     "images": "image folder (COCO: defaults to the annotation file's folder)",
-    "unit": "object: one sample per annotated object (square crop + context); image: one per image",
-    "size": "output side in pixels (square); image and saliency share the geometry",
+    "unit": "object: one sample per annotated object (square crop + context); image: one per image; "
+            "auto: the source's default (COCO/VOC: object; classification sets: image)",
+    "size": "output side in pixels (square; image and saliency share the geometry); 0 = the source's default",
     "image_format": "jpg (see --jpeg-quality), png (lossless) or raw (HxWxC uint8, for tiny images)",
     "jpeg_quality": "JPEG quality 1-100",
     "saliency": "auto (mask if annotated, else foreground), mask, box (coarser map), foreground, none (s=0)",
@@ -88,6 +89,8 @@ def config_from_args(argv: list[str]) -> tuple[BuildConfig, argparse.Namespace]:
             raise ConfigError(f"{args.config}: cannot read config ({e})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{args.config}: config must be a JSON object")
+    # precedence: source's defaults < --config file < flags given on the command line
+    values = {**getattr(get_source_class(args.source), "config_defaults", {}), **values}
     values["source"] = args.source
     options = dict(values.get("source_options") or {})
     option_names = {f.name for f in dataclasses.fields(get_source_class(args.source).Options)}

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-UNITS = ("object", "image")
+UNITS = ("auto", "object", "image")
 IMAGE_FORMATS = ("jpg", "png", "raw")
 SALIENCY_KINDS = ("auto", "mask", "box", "foreground", "none")
 
@@ -37,8 +37,8 @@ class BuildConfig:
     images: str = ""  # image folder
     source_options: dict = field(default_factory=dict)  # source-specific options (validated by the source)
     # what a sample is and how it looks
-    unit: str = "object"  # object: one sample per annotated object; image: one per image
-    size: int = 64  # output side in pixels (square)
+    unit: str = "auto"  # object: one sample per annotated object; image: one per image; auto: the source's first
+    size: int = 0  # output side in pixels (square); 0 = the source's default_size (64 when it has none)
     image_format: str = "jpg"
     jpeg_quality: int = 90
     saliency: str = "auto"  # auto = the best the source has (mask > box > foreground)
@@ -68,7 +68,7 @@ class BuildConfig:
         need(self.unit in UNITS, f"--unit must be one of {UNITS}, got {self.unit!r}")
         need(self.image_format in IMAGE_FORMATS, f"--image-format must be one of {IMAGE_FORMATS}")
         need(self.saliency in SALIENCY_KINDS, f"--saliency must be one of {SALIENCY_KINDS}, got {self.saliency!r}")
-        need(8 <= self.size <= 1024, f"--size must be in [8, 1024], got {self.size}")
+        need(self.size == 0 or 8 <= self.size <= 1024, f"--size must be 0 (auto) or in [8, 1024], got {self.size}")
         need(1 <= self.jpeg_quality <= 100, f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}")
         need(0.0 <= self.sigma_frac <= 1.0, f"--sigma-frac must be in [0, 1], got {self.sigma_frac}")
         need(0.0 <= self.context <= 4.0, f"--context must be in [0, 4], got {self.context}")

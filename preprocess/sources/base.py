@@ -110,7 +110,10 @@ class Source:
     channels = 3  # 3 = RGB samples, 1 = grey samples
     has_masks = False  # shapes carry polygons / RLE / masks (--saliency mask)
     has_boxes = False  # shapes carry boxes (--saliency box)
-    units = ("image",)  # sample units this source supports
+    units = ("image",)  # sample units this source supports; the first is the default
+    # BuildConfig values for flags the user did not give (CLI), e.g. {"size": 28, "image_format": "raw"};
+    # a programmatic BuildConfig with unit "auto" / size 0 also takes unit / size from here
+    config_defaults: dict = {}
 
     @dataclass
     class Options:

@@ -107,7 +107,7 @@ def bench_case(model, x, y, rounds, device, frozen, warmup=2):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="cnn4, batch 64, 3 rounds")
+    ap.add_argument("--quick", action="store_true", help="batch 64, 5 rounds, a briefly trained model (smoke run)")
     ap.add_argument("--arch", help="one architecture instead of the default set")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--rounds", type=int)

@@ -46,7 +46,8 @@ from sat_train.optim import make_optimizer, make_scheduler
 from shards.format import ShardFormatError, atomic_write_json
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
-USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LoaderError)
+# OSError: unwritable run folder, disk full, ... (the message names the path)
+USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LoaderError, OSError)
 
 
 def satpipe_version() -> str:

@@ -76,6 +76,11 @@ def test_cli_errors_are_one_line(tiny_shards, tmp_path, capsys):
     assert main(["--run", str(tmp_path / "r3"), "--resume"]) == 2
     assert "config.json" in capsys.readouterr().err
     assert main(["--epochs", "1"]) == 2 and "--shards" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(args[:2] + ["--run", str(blocker / "run")] + args[4:]) == 2  # run folder cannot be made
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a-file" in err[0]
 
 
 @pytest.mark.gpu

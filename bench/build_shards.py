@@ -10,6 +10,9 @@ fields + texture + shaded objects), ~7 objects per image, polygons of 20-40 vert
                 crop + pad, cv2.resize image and mask, cv2.GaussianBlur, imencode jpg + png, TarWriter
   (c) repack    the same loop without saliency (the floor of any decode/crop/encode/write pipeline)
 at 1 and 2 worker processes (b and c: images split between processes, each writing its own tars).
+Plus a Fashion-MNIST row (issue 3; the real 60k train set from Debian's dataset-fashion-mnist, 28 px
+raw, `foreground` saliency): satpipe vs a plain loop (border-median threshold, cv2.GaussianBlur, png,
+TarWriter); target >= 3x.
 Targets (issue 2): (a) >= 3x (b); (a) within 1.25x of (c)'s time; (a) at 2 workers >= 1.7x 1 worker.
 Prints a table and writes it to bench/results/build_shards.md.
 """
@@ -149,6 +152,67 @@ def run_satpipe(ann_path: Path, img_dir: Path, size: int, sigma_frac: float, wor
     return manifest["counts"]["written"]
 
 
+# ----------------------------------------------------------------------------- Fashion-MNIST row (issue 3)
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _read_idx_images(path: Path) -> np.ndarray:
+    import gzip
+
+    data = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    n, h, w = (int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(3))
+    return np.frombuffer(data, np.uint8, offset=16).reshape(n, h, w)
+
+
+def _fmnist_naive_worker(args) -> int:
+    """Plain loop: per image border-median background, threshold, cv2.GaussianBlur, png, TarWriter."""
+    images_path, labels_path, lo, hi, sigma_frac, out_dir, rank = args
+    import gzip
+
+    import webdataset as wds
+
+    cv2.setNumThreads(1)
+    images = _read_idx_images(images_path)
+    labels = np.frombuffer(gzip.open(labels_path).read(), np.uint8, offset=8)
+    sink, written = None, 0
+    for i in range(lo, hi):
+        if written % 1000 == 0:
+            if sink is not None:
+                sink.close()
+            sink = wds.TarWriter(str(Path(out_dir) / f"fm-{rank}-{written // 1000:06d}.tar"))
+        img = images[i]
+        border = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
+        mask = (np.abs(img.astype(np.int16) - int(np.median(border))) > 16).astype(np.float32)
+        mask = cv2.GaussianBlur(mask, (0, 0), sigma_frac * img.shape[0]) if sigma_frac > 0 else mask
+        sal = np.clip(np.rint(mask * 255.0), 0, 255).astype(np.uint8)
+        sink.write({"__key__": f"{i:06d}", "raw": img.tobytes(), "sal.png": cv2.imencode(".png", sal)[1].tobytes(),
+                    "cls": str(int(labels[i])).encode()})
+        written += 1
+    sink.close()
+    return written
+
+
+def run_fmnist(which: str, workers: int, sigma_frac: float, out_dir: Path, limit: int) -> int:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if which == "a":
+        from preprocess.build import build
+        from preprocess.config import BuildConfig
+
+        cfg = BuildConfig(source="fashion-mnist", split="train", size=28, image_format="raw", saliency="foreground",
+                          sigma_frac=sigma_frac, out=str(out_dir), workers=workers, progress=False,
+                          source_options={"limit": limit} if limit else {})
+        return build(cfg, log=lambda *_: None)["counts"]["written"]
+    out_dir.mkdir(parents=True)
+    n = limit or 60000
+    parts = [(FMNIST / "train-images-idx3-ubyte.gz", FMNIST / "train-labels-idx1-ubyte.gz",
+              r * n // workers, (r + 1) * n // workers, sigma_frac, out_dir, r) for r in range(workers)]
+    if workers == 1:
+        return _fmnist_naive_worker(parts[0])
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return sum(pool.map(_fmnist_naive_worker, parts))
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -159,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="output sizes (default 32 64)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--sigma-frac", type=float, default=0.05)
+    ap.add_argument("--no-fmnist", action="store_true", help="skip the Fashion-MNIST row")
     args = ap.parse_args(argv)
     objects = args.objects or (2000 if args.quick else 20000)
     sizes = args.sizes or ([64] if args.quick else [32, 64])
@@ -185,6 +250,18 @@ def main(argv=None) -> int:
                 print(f"size {size} workers {workers} ({name}): {n} objects in {res[name][1]:.1f}s "
                       f"= {n / res[name][1]:.0f} obj/s", flush=True)
             rows.append((size, workers, res))
+    fm_rows = []
+    if FMNIST.is_dir() and not args.no_fmnist:
+        limit = 10000 if args.quick else 0
+        for workers in args.workers:
+            res = {}
+            for name in ("a", "b"):
+                t = time.perf_counter()
+                n = run_fmnist(name, workers, args.sigma_frac, work / ("fm" + name), limit)
+                res[name] = (n, time.perf_counter() - t)
+                print(f"fashion-mnist workers {workers} ({name}): {n} images in {res[name][1]:.1f}s "
+                      f"= {n / res[name][1]:.0f} img/s", flush=True)
+            fm_rows.append((workers, res))
     shutil.rmtree(work, ignore_errors=True)
 
     one = {size: res for size, w, res in rows if w == 1}
@@ -196,6 +273,13 @@ def main(argv=None) -> int:
         speed = f"{one[size]['a'][1] / res['a'][1]:.2f}x" if size in one and workers != 1 else "-"
         lines.append(f"| {size} | {workers} | {rate['a']:.0f} | {rate['b']:.0f} | {rate['c']:.0f} | "
                      f"{rate['a'] / rate['b']:.2f}x | {res['a'][1] / res['c'][1]:.2f} | {speed} |")
+    if fm_rows:
+        lines += ["", "| Fashion-MNIST train, 28 px raw, foreground saliency | workers | (a) satpipe img/s "
+                  "| plain OpenCV loop img/s | a / loop (>= 3) |", "|---|---|---|---|---|"]
+        for workers, res in fm_rows:
+            rate = {k: v[0] / v[1] for k, v in res.items()}
+            lines.append(f"| {res['a'][0]} images | {workers} | {rate['a']:.0f} | {rate['b']:.0f} | "
+                         f"{rate['a'] / rate['b']:.2f}x |")
     meta = json.loads((data / "done.json").read_text())
     table = "\n".join(lines)
     text = (f"# bench/build_shards.py\n\n`python bench/build_shards.py{' --quick' if args.quick else ''}` "

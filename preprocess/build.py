@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shards.format import ShardFormatError, ShardWriter, atomic_write_json, sanitize_key
+from shards.format import ShardFormatError, atomic_write_json, sanitize_key
 from preprocess.config import BuildConfig
 from preprocess.finalize import MAX_EXAMPLES, merge_counts, summary_line, write_manifest
 from preprocess.plan import (BuildError, ShardPlan, digest_of, make_plan, plan_digest, prepare_output,
                              remove_stale_temps, shard_done, state_dir)
 from preprocess.sources import Skip, SourceError, get_source_class
+from preprocess.tar_fast import FastShardWriter
 
 # ----------------------------------------------------------------------------- one shard (worker side)
 
@@ -87,7 +88,7 @@ def build_shard(task: tuple[Job, ShardPlan]) -> tuple[str, dict]:
     if samples:
         # a second shuffle inside the shard: objects of one image are not neighbours in the stream
         order = np.random.default_rng([cfg.seed, shard.index]).permutation(len(samples))
-        with ShardWriter(out / f"{shard.name}.tar") as w:
+        with FastShardWriter(out / f"{shard.name}.tar") as w:
             for i in order:
                 w.write(samples[int(i)])
         info = w.info.to_dict()

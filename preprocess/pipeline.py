@@ -99,7 +99,8 @@ def make_sample(raw: RawSample, kind: str, cfg) -> dict:
     crop = Crop.make(raw.window, raw.scale, size) if raw.window is not None else Crop.whole(h, w, raw.scale, size)
     image_out = crop.apply(raw.image)
     sal = render_saliency(raw, crop, image_out, kind, cfg)
-    ok, sal_png = cv2.imencode(".png", sal, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    # OpenCV's default PNG settings: fastest here, and a tar member is padded to 512 bytes anyway
+    ok, sal_png = cv2.imencode(".png", sal)
     if not ok:
         raise ValueError("OpenCV could not encode the saliency png")
     meta = dict(raw.meta)

@@ -70,6 +70,9 @@ class EvalConfig:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise EvalError(f"{source}: unknown eval config key(s) {', '.join(unknown)}; known: {', '.join(names)}")
+        defaults = cls()
+        for key, value in d.items():
+            d[key] = _check_type(key, value, getattr(defaults, key), source)
         cfg = cls(**d)
         cfg.validate(source)
         return cfg
@@ -78,8 +81,6 @@ class EvalConfig:
         def need(ok, msg):
             if not ok:
                 raise EvalError(f"{source}: {msg}")
-        for name in ("eps", "l2_eps", "check_steps", "contrast", "low_pass", "high_pass"):
-            need(isinstance(getattr(self, name), (list, tuple)), f"{name} must be a list")
         need(all(e > 0 for e in list(self.eps) + list(self.l2_eps)), "eps values must be > 0")
         need(self.pgd_steps >= 1 and all(k >= 1 for k in self.check_steps), "PGD steps must be >= 1")
         need(0 < self.pgd_step_ratio <= 1, "pgd_step_ratio must be in (0, 1]")
@@ -90,6 +91,30 @@ class EvalConfig:
         need(self.autoattack_version in ("standard", "plus", "rand"), "autoattack_version: standard | plus | rand")
         need(all(0 <= c <= 1 for c in self.contrast), "contrast levels must be in [0, 1]")
         need(all(s > 0 for s in list(self.low_pass) + list(self.high_pass)), "filter sigmas must be > 0")
+
+
+def _check_type(key, value, default, source):
+    """The value, if it has the default's type (ints pass as floats; None only where the default is None)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if default is None:  # distortion_grey: None or a number
+        ok = value is None or number(value)
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = number(value)
+    elif isinstance(default, list):
+        ok = isinstance(value, (list, tuple)) and all(number(v) for v in value)
+        value = list(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        want = "a list of numbers" if isinstance(default, list) else type(default).__name__.replace("NoneType", "number")
+        raise EvalError(f"{source}: {key} = {value!r} is not {want}")
+    return value
 
 
 def _floats(text: str) -> list:

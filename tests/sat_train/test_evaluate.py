@@ -141,6 +141,11 @@ def test_bad_inputs_and_config(trained, tmp_path, capsys):
     assert "unknown eval config key(s) pgd_stepz" in capsys.readouterr().err
     with pytest.raises(EvalError, match="pgd_restarts"):
         EvalConfig.from_dict({"pgd_restarts": 0})
+    with pytest.raises(EvalError, match="pgd_steps = 'ten' is not int"):
+        EvalConfig.from_dict({"pgd_steps": "ten"})
+    with pytest.raises(EvalError, match="eps = 8 is not a list of numbers"):
+        EvalConfig.from_dict({"eps": 8})
+    assert EvalConfig.from_dict({"distortion_grey": 0.4423, "sanity_tol": 1}).sanity_tol == 1
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "sat-train eval runs/sat --shards" in capsys.readouterr().out

@@ -4,8 +4,9 @@
     preprocess build-shards coco ... --num-nodes 3 --node-rank 0   (then `preprocess finalize OUT`)
 
 Each worker writes whole shards (one shard's encoded samples in memory at a time, so peak memory
-does not grow with the dataset). Shards get their final names only when complete (ShardWriter),
-then a sidecar records their checksum; the manifest comes last. Re-running resumes.
+does not grow with the dataset). Shards get their final names only when complete (ShardWriter, with
+template tar headers: preprocess/tar_fast.py), then a sidecar records their checksum; the manifest
+comes last. Re-running the same command resumes (see preprocess/plan.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import dataclasses
 import multiprocessing as mp
 import sys
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,10 @@ class Job:
     kind: str  # saliency kind
     out: Path
     plan: str  # plan digest, written into each sidecar
+    token: str = ""  # unique per build() call (a worker keeps one source per build)
+
+
+_CURRENT: dict = {}  # per process: the build token and the first Job received for that build
 
 
 def _init_worker() -> None:
@@ -61,6 +67,12 @@ def build_shard(task: tuple[Job, ShardPlan]) -> tuple[str, dict]:
     from preprocess.pipeline import make_sample
 
     job, shard = task
+    # one Job per process and build: a source's lazily loaded state (e.g. a decompressed IDX array)
+    # then lives as long as the worker instead of being rebuilt for every shard
+    if _CURRENT.get("token") != job.token:
+        _CURRENT.clear()
+        _CURRENT.update(token=job.token, job=job)
+    job = _CURRENT["job"]
     source, cfg, out = job.source, job.cfg, job.out
     remove_stale_temps(out, shard.name)
     counts = {"read": 0, "written": 0, "skipped": {}}
@@ -180,7 +192,7 @@ def _build(cfg: BuildConfig, log, pool) -> dict | None:
     tqdm.set_lock(threading.RLock())
     bar = tqdm(total=sum(s.expected for s in todo), unit="sample", disable=not cfg.progress or not todo,
                file=sys.stderr, dynamic_ncols=True)
-    job = Job(source, cfg, kind, out, header["plan"])
+    job = Job(source, cfg, kind, out, header["plan"], token=uuid.uuid4().hex)
     tasks = [(job, s) for s in todo]
     results = pool.imap_unordered(build_shard, tasks) if pool is not None else map(build_shard, tasks)
     by_name = {s.name: s for s in todo}
@@ -212,6 +224,11 @@ def run(cfg: BuildConfig) -> int:
     except (BuildError, SourceError, ShardFormatError) as e:
         print(f"preprocess build-shards: {e}", file=sys.stderr)
         return getattr(e, "code", 2)
+    except OSError as e:  # disk full, folder removed under us...: say where, keep what is complete
+        where = e.filename or cfg.out or "output"
+        print(f"preprocess build-shards: {where}: {e.strerror or e}; complete shards are kept, "
+              "re-run the same command to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("preprocess build-shards: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

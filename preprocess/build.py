@@ -134,11 +134,11 @@ def build(cfg: BuildConfig, log=print) -> dict | None:
     """Run a build; returns the manifest (None for a non-final node of a multi-node build)."""
     pool = None
     if cfg.workers > 1:
-        # started first, so the workers' imports (torch via webdataset, ~3 s) overlap with reading
-        # the annotations. forkserver: workers come from a clean process (no threads inherited
-        # through fork) and share its preloaded imports
+        # started first, so the workers' imports overlap with reading the annotations. forkserver:
+        # workers come from a clean process (no threads inherited through fork) and share its
+        # preloaded imports. (torch is not among them: FastShardWriter does not import webdataset)
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["preprocess.pipeline", "preprocess.build", "webdataset"])
+        ctx.set_forkserver_preload(["preprocess.pipeline", "preprocess.build"])
         pool = ctx.Pool(cfg.workers, initializer=_init_worker)
     try:
         return _build(cfg, log, pool)

@@ -5,31 +5,33 @@ for small samples (5 members each, a few KB) that was more than half of a Fashio
 ~15-25% of a COCO build. All members of a shard share every header field except name, size and
 checksum, so one header made by tarfile itself serves as the template and only those three fields
 are rewritten. The bytes are identical to ShardWriter's (webdataset TarWriter) output -- tested in
-tests/preprocess/test_tar_fast.py -- and the DALI index, temp-name + rename and ShardInfo all stay
-ShardWriter's own. A member the template cannot express (a name over 100 bytes or not ASCII, a
-size of 8 GiB or more) goes through TarWriter unchanged.
+tests/preprocess/test_tar_fast.py -- and the DALI index, temp-name + rename and ShardInfo are
+ShardWriter's own code. A member the template cannot express (a name over 100 bytes or not ASCII,
+a size of 8 GiB or more) is added the way TarWriter adds it (TarInfo + tarfile.addfile).
 """
 from __future__ import annotations
 
+import io
 import tarfile
+from pathlib import Path
 
-from shards.format import FIXED_MTIME, ShardWriter
+from shards.format import FIXED_MTIME, ShardWriter, tmp_name
 
 _NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
 _BLOCK = tarfile.BLOCKSIZE
 
 
 class _TemplateTar:
-    """Stands in for ShardWriter's TarWriter: same `write(sample)`, `tarstream`, `close()`."""
+    """Stands in for ShardWriter's TarWriter: same `write(sample)`, `tarstream`, `close()`, same bytes.
 
-    def __init__(self, tar_writer):
-        self._tw = tar_writer
-        self.tarstream = tar_writer.tarstream
-        ti = tarfile.TarInfo("x")
-        ti.size, ti.mtime, ti.mode = 0, FIXED_MTIME, tar_writer.mode
-        ti.uname, ti.gname = tar_writer.user, tar_writer.group
+    The stream is opened as TarWriter opens it (`tarfile.open(fileobj=..., mode="w|")`); members
+    that miss the fast path are added exactly as TarWriter adds them (TarInfo + addfile)."""
+
+    def __init__(self, fileobj, mode: int = 0o444, user: str = "satpipe", group: str = "satpipe"):
+        self.tarstream = tarfile.open(fileobj=fileobj, mode="w|")
+        self.mode, self.user, self.group = mode, user, group
         ts = self.tarstream
-        self._template = bytearray(ti.tobuf(ts.format, ts.encoding, ts.errors))
+        self._template = bytearray(self._info("x", 0).tobuf(ts.format, ts.encoding, ts.errors))
         if len(self._template) != _BLOCK:  # tarfile added an extended header: no fast path
             self._template = None
             return
@@ -38,6 +40,11 @@ class _TemplateTar:
         self._template[_SIZE] = bytes(12)
         self._template[_CHKSUM] = b"        "
         self._base_sum = sum(self._template)
+
+    def _info(self, name: str, size: int) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)  # the fields webdataset's TarWriter sets, in its way
+        ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = size, FIXED_MTIME, self.mode, self.user, self.group
+        return ti
 
     def _header(self, name: bytes, size: int) -> bytes:
         h = bytearray(self._template)
@@ -49,17 +56,16 @@ class _TemplateTar:
         return bytes(h)
 
     def write(self, sample: dict) -> None:
-        ts = self.tarstream
         key = sample["__key__"]
         parts = []
         for ext in sorted(k for k in sample if k != "__key__"):  # the order TarWriter uses
             data = sample[ext]
-            name = f"{key}.{ext}".encode("ascii", "replace")
-            if self._template is None or len(name) > 100 or len(data) >= 8 ** 11 or not (key + ext).isascii():
+            name = f"{key}.{ext}"
+            if self._template is None or len(name) > 100 or len(data) >= 8 ** 11 or not name.isascii():
                 self._flush(parts)
-                self._tw.write({"__key__": key, ext: data})  # the general path, same bytes
+                self.tarstream.addfile(self._info(name, len(data)), io.BytesIO(data))  # general path
                 continue
-            parts.append(self._header(name, len(data)))
+            parts.append(self._header(name.encode("ascii"), len(data)))
             parts.append(bytes(data))
             pad = -len(data) % _BLOCK
             if pad:
@@ -74,12 +80,20 @@ class _TemplateTar:
             parts.clear()
 
     def close(self) -> None:
-        self._tw.close()
+        self.tarstream.close()
 
 
 class FastShardWriter(ShardWriter):
-    """Drop-in ShardWriter (same constructor, write, close, info) with template tar headers."""
+    """Drop-in ShardWriter (same write, close, info, temp-name + rename, index) with template tar
+    headers. It sets up the state ShardWriter.__init__ would, minus `import webdataset` (which
+    imports torch: ~3 s per worker process, more than a small build takes)."""
 
     def __init__(self, tar_path):
-        super().__init__(tar_path)
-        self._writer = _TemplateTar(self._writer)
+        self.tar_path = Path(tar_path)
+        self.idx_path = self.tar_path.with_suffix(".idx")
+        self._tmp_tar = tmp_name(self.tar_path)
+        self._file = open(self._tmp_tar, "wb")
+        self._writer = _TemplateTar(self._file, user="satpipe", group="satpipe")
+        self._index_lines: list[str] = []
+        self._keys: set[str] = set()
+        self.info = None

@@ -6,7 +6,8 @@
 
 Every BuildConfig field is a flag (`--shard-size` for shard_size); a source's own `Options` fields
 are flags too. Precedence: the source's `config_defaults` (e.g. 28 px raw for MNIST) < `--config
-FILE.json` (a saved config; unknown keys are rejected) < flags given on the command line. The config is printed before the build and saved in the manifest.
+FILE.json` (a saved config; unknown keys are rejected) < flags given on the command line.
+The config is printed before the build and saved in the manifest.
 """
 from __future__ import annotations
 

@@ -32,8 +32,8 @@ def outputs(out: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
-    # 40 images x 1 object, 2 per shard = 20 shards: time to kill it between shards
-    make_coco(root, num_images=40, objects=1, width=320, height=240)
+    # 160 images x 1 object, 2 per shard = 80 shards: plenty of time to kill it between shards
+    make_coco(root, num_images=160, objects=1, width=320, height=240)
     ref = root / "ref"
     subprocess.run(build_args(root, ref), check=True, capture_output=True)
     return root, ref
@@ -46,14 +46,14 @@ def test_sigkill_then_rerun_is_byte_identical(dataset, tmp_path):
     try:
         deadline = time.time() + 120
         while not list(out.glob("*.tar")) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.005)
+            time.sleep(0.002)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
     assert not (out / "manifest.json").exists()
     partial = len(list(out.glob("*.tar")))
-    assert 1 <= partial < 20
+    assert 1 <= partial < 80
     done = subprocess.run(build_args(root, out), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "already complete" in done.stdout

@@ -9,7 +9,7 @@ Saliency kinds (`--saliency`):
   box         union of the objects' boxes (the paper's "coarser map")
   foreground  threshold of the output image against its border colour (plain-background data)
   none        s = 0 everywhere (grey 128): SAT degenerates to noise training, a control
-  auto        mask when the sample has shapes, foreground otherwise
+  auto        the best the source has: mask, else box, else foreground (resolved before building)
 """
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ from preprocess.sources.base import RawSample, Shape
 
 
 def resolve_saliency(kind: str, source_cls) -> str:
-    """Check a --saliency kind against what a source has; 'auto' stays auto (decided per sample)."""
+    """Check a --saliency kind against what a source has; 'auto' becomes the best the source has
+    (mask > box > foreground), so the manifest names the kind that was really built."""
+    if kind == "auto":
+        return "mask" if source_cls.has_masks else "box" if source_cls.has_boxes else "foreground"
     if kind == "mask" and not source_cls.has_masks:
         raise ValueError(f"source {source_cls.name!r} has no masks; use --saliency "
                          + ("box|" if source_cls.has_boxes else "") + "foreground|none")
@@ -65,8 +68,6 @@ def _shape_mask(shape: Shape, crop: Crop, use_box: bool) -> np.ndarray:
 def render_saliency(raw: RawSample, crop: Crop, image_out: np.ndarray, kind: str, cfg) -> np.ndarray:
     """uint8 size x size saliency (round((s+1)*127.5)) for one sample."""
     size = crop.size
-    if kind == "auto":
-        kind = "mask" if raw.shapes else "foreground"
     if kind == "none":
         return np.full((size, size), 128, np.uint8)  # s = 0
     if kind == "foreground":

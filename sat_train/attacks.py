@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NORMS = ("linf", "l2")
+SHAPE_QUANTUM = 8  # early-stopped PGD shrinks its batch in multiples of this (see _pgd_stop_when_fooled)
 
 
 def ce_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -94,27 +95,35 @@ def _step(x_adv, g, x, eps, alpha, norm, lo, hi):
 
 def _pgd_stop_when_fooled(model, x, y, x_adv, eps, alpha, steps, loss_fn, norm, box):
     # The forward pass that gives the gradient also tells which samples are already misclassified at
-    # the current point: those keep that point and leave the batch, so later steps cost less. Per
-    # sample this returns the first fooling iterate (else the last), never a weaker attack than PGD.
-    active = torch.arange(len(x), device=x.device)
-    xa, xs, ys = x_adv.clone(), x, y  # x_adv holds the results, xa the still-active samples' iterates
+    # the current point: those keep that point (the result never gets weaker than PGD's last iterate)
+    # and the batch shrinks so they stop costing compute. It shrinks in multiples of SHAPE_QUANTUM,
+    # topped up with broken samples whose results are already kept: every new batch shape costs the
+    # backend a new kernel plan (oneDNN primitive / cuDNN algorithm), so few distinct shapes matter.
+    members = torch.arange(len(x), device=x.device)  # rows of x in the working batch
+    live = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    xa, xs, ys = x_adv.clone(), x, y  # x_adv holds the results, xa the working batch's iterates
     lo, hi = box if box is not None else (None, None)
     for _ in range(steps):
-        xa = xa.detach().requires_grad_(True)
+        xa.requires_grad_(True)
         logits = model(xa)
         (g,) = torch.autograd.grad(loss_fn(logits, ys), xa)
         xa = xa.detach()
-        still = logits.detach().argmax(1) == ys
-        if not bool(still.all()):
-            x_adv[active] = xa  # fooled samples keep the point that fooled the model
-            active, xa, g, xs, ys = active[still], xa[still], g[still], xs[still], ys[still]
-            if lo is not None:
-                lo, hi = lo[still], hi[still]
-            if len(active) == 0:
+        fooled = live & (logits.detach().argmax(1) != ys)
+        if bool(fooled.any()):
+            x_adv[members[fooled]] = xa[fooled]  # the point that fooled the model
+            live &= ~fooled
+            n_live = int(live.sum())
+            if n_live == 0:
                 return x_adv
+            size = -(-n_live // SHAPE_QUANTUM) * SHAPE_QUANTUM
+            if size < len(members):
+                keep = torch.cat([live.nonzero().flatten(), (~live).nonzero().flatten()])[:size]
+                members, xa, g, xs, ys, live = members[keep], xa[keep], g[keep], xs[keep], ys[keep], live[keep]
+                if lo is not None:
+                    lo, hi = lo[keep], hi[keep]
         _step(xa, g, xs, eps, alpha, norm, lo, hi)
-    x_adv[active] = xa
-    return x_adv.detach()
+    x_adv[members[live]] = xa[live]
+    return x_adv
 
 
 def pgd(model, x, y, eps: float, alpha: float, steps: int, *, norm: str = "linf", random_start: bool = True,

@@ -247,7 +247,7 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
     from shards.format import ShardFormatError, atomic_write_json, check_shard_files, read_manifest
     from sat_train.checkpoint import CheckpointError, load_model
     from sat_train.loader import LoaderError, make_loader
-    from sat_train.robustness import build_specs, run_suite
+    from sat_train.robustness import build_specs, prepare_for_attack, run_suite
     from sat_train.sanity import masking_checks
 
     run_dir, shard_dir = Path(run_dir), Path(shard_dir)
@@ -266,8 +266,10 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
     except CheckpointError as e:
         raise EvalError(str(e)) from None
     notes = check_compatible(ckpt, manifest)
-    model.eval()
-    model.requires_grad_(False)  # eval never trains: attacks need input gradients only
+    mspec = ckpt["model_spec"]
+    example = torch.rand(4, mspec["in_channels"], mspec["image_size"], mspec["image_size"], device=device,
+                         generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    model = prepare_for_attack(model, example)  # eval mode, frozen weights, BatchNorm folded into convs
     torch.manual_seed(cfg.seed)
     specs = build_specs(cfg)
 

@@ -11,12 +11,14 @@ Conventions (RobustBench / AutoAttack's):
 from __future__ import annotations
 
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 
 import torch
 
 from sat_train import attacks, distortions
+from sat_train.attacks import SHAPE_QUANTUM
 from sat_train.autoattack import autoattack
 from sat_train.cw import cw_l2
 
@@ -75,6 +77,31 @@ def build_specs(cfg) -> list[Spec]:
     return specs
 
 
+def prepare_for_attack(model, example: torch.Tensor):
+    """The model as eval attacks it: eval mode, frozen weights, BatchNorm folded into the convolutions.
+
+    In eval mode BatchNorm is a fixed affine map, so folding it into the preceding conv
+    (torch.fx.experimental.optimization.fuse) is the same function with one op less per layer, forward
+    and backward (~15% per PGD step on cnn4 / resnet18 on CPU). Models fx cannot trace, or whose folded
+    logits disagree with the original on `example`, are used unfolded."""
+    model = model.eval()
+    model.requires_grad_(False)  # eval never trains: attacks need input gradients only
+    try:
+        with warnings.catch_warnings():  # torch.fx's imports raise torch.jit deprecation noise
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torch.fx.experimental.optimization import fuse
+
+            folded = fuse(model).eval()
+        folded.requires_grad_(False)
+        with torch.no_grad():
+            a, b = model(example), folded(example)
+        if torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()) + 1e-6):
+            return folded
+    except Exception:  # tracing fails on data-dependent control flow: keep the model as it is
+        pass
+    return model
+
+
 def _generator(seed: int, spec: Spec, batch_no: int, device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(zlib.crc32(f"{seed}:{spec.key}:{batch_no}".encode()))
@@ -109,6 +136,17 @@ def _attack(model, spec: Spec, x, y, gen, n_classes, seed, tally: _Tally) -> tor
     return distortions.distort(x, spec.attack, spec.level, p["grey"])
 
 
+def _attack_rows(ok: torch.Tensor) -> torch.Tensor:
+    """Rows to attack: the clean-correct ones (attacking already-wrong samples cannot change the count),
+    topped up with wrong ones to a multiple of SHAPE_QUANTUM so batch shapes repeat across batches (each
+    new shape costs the backend a new kernel plan). The extra rows stay wrong whatever the attack does."""
+    right, wrong = ok.nonzero().flatten(), (~ok).nonzero().flatten()
+    if len(right) == 0:
+        return right
+    size = min(len(ok), -(-len(right) // SHAPE_QUANTUM) * SHAPE_QUANTUM)
+    return torch.cat([right, wrong[: size - len(right)]]).sort().values
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -140,12 +178,13 @@ def run_suite(model, batches, specs: list[Spec], *, n_classes: int, seed: int = 
             _sync(device)
             t0 = time.perf_counter()
             if spec.attack in ADVERSARIAL:
-                todo = ok.nonzero().flatten()  # attacking already-wrong samples cannot change the count
+                # CW / AutoAttack statistics (L2 norms, stage counts) must only see clean-correct rows
+                todo = _attack_rows(ok) if spec.attack in ("fgsm", "pgd") else ok.nonzero().flatten()
                 if len(todo):
                     gen = _generator(seed, spec, batch_no, device)
                     x_adv = _attack(model, spec, xs[todo], ys[todo], gen, n_classes, seed, tally)
                     with torch.no_grad():
-                        ok[todo] = model(x_adv).argmax(1) == ys[todo]
+                        ok[todo] &= model(x_adv).argmax(1) == ys[todo]
             else:
                 with torch.no_grad():
                     ok = model(_attack(model, spec, xs, ys, None, n_classes, seed, tally)).argmax(1) == ys

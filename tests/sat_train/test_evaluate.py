@@ -182,3 +182,37 @@ def test_format_table_lists_every_row():
              "accuracy": 0.7, "time_s": 0.2}]
     table = format_table(rows)
     assert "90.00" in table and "8/255" in table and "40.00" in table and "sigma=4" in table
+
+
+def test_prepare_for_attack_folds_batchnorm_into_the_same_function():
+    from sat_train.robustness import prepare_for_attack
+
+    torch.manual_seed(0)
+    model = build_model("cnn4", 10, 1, 28)
+    for m in model.modules():  # non-trivial running statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    x = torch.rand(8, 1, 28, 28)
+    folded = prepare_for_attack(model, x[:2])
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert not any(p.requires_grad for p in folded.parameters()) and not folded.training
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+    # input gradients (what attacks use) agree too
+    from sat_train.attacks import input_grad
+
+    y = torch.arange(8) % 10
+    torch.testing.assert_close(input_grad(folded, x, y), input_grad(model, x, y), rtol=1e-3, atol=1e-6)
+
+    class Branchy(torch.nn.Module):  # data-dependent control flow: fx cannot trace it, used as is
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, z):
+            return self.fc(z) if z.sum() > 0 else -self.fc(z)
+
+    b = Branchy()
+    assert prepare_for_attack(b, torch.rand(2, 4)) is b

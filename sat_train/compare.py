@@ -137,7 +137,8 @@ def table_rows(runs: list[dict]) -> tuple[list[str], list[list[str]], list[float
                _pct(ev["clean_accuracy"]) if ev else "-"]
         row += [_pct(curve.get(e)) for e in eps]
         row += [_pct(aa["accuracy"]) + f" (n={aa['n']})" if aa and aa["eps_255"] == e else "-" for e in aa_eps]
-        row += [_pct(cw["accuracy"]) if cw else "-", _num(r["train_time_s"]), _num(r["images_per_s"], "{:.0f}")]
+        cw_cell = "-" if not cw else _pct(cw["accuracy"]) + (f" (n={cw['n']})" if cw["n"] != ev.get("n") else "")
+        row += [cw_cell, _num(r["train_time_s"]), _num(r["images_per_s"], "{:.0f}")]
         body.append(row)
     return head, body, eps
 

@@ -148,7 +148,8 @@ def main(argv=None) -> int:
             rows.append((name, per_1k, acc))
             print(f"{name}: " + ", ".join(f"{k} {v:.2f} s/1k" for k, v in per_1k.items()), file=sys.stderr)
 
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    cpu = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     cmd = "python bench/eval.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
     lines = [f"# {cmd}", "",
              f"Device: {dev}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",

@@ -112,7 +112,8 @@ def _check_type(key, value, default, source):
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        want = "a list of numbers" if isinstance(default, list) else type(default).__name__.replace("NoneType", "number")
+        want = "a list of numbers" if isinstance(default, list) else type(default).__name__
+        want = "a number" if default is None else want
         raise EvalError(f"{source}: {key} = {value!r} is not {want}")
     return value
 
@@ -259,7 +260,8 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
         raise EvalError(str(e)) from None
     problems = check_shard_files(manifest)
     if problems:
-        raise EvalError(f"{shard_dir}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise EvalError(f"{shard_dir}: {problems[0]}{more}")
     device = pick_device(cfg.device)
     try:
         model, ckpt = load_model(run_dir, device=device)

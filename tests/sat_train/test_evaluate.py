@@ -89,10 +89,12 @@ def test_eval_is_deterministic_with_a_seed(trained, tmp_path):
         assert main([*args, "--out", str(out)]) == 0
     a, b = (json.loads(p.read_text())["rows"] for p in outs)
     assert [(r["attack"], r["eps"], r["correct"]) for r in a] == [(r["attack"], r["eps"], r["correct"]) for r in b]
-    # and a different batch of the same data gives the same clean numbers
-    assert main([*args, "--out", str(tmp_path / "c.json"), "--limit", "20"]) == 0
-    c = json.loads((tmp_path / "c.json").read_text())
-    assert c["n"] == 20 and c["rows"][0]["n"] == 20
+    # batching does not change clean accuracy (eval mode: no batch statistics), and --limit cuts exactly
+    assert main([*args, "--out", str(tmp_path / "c.json"), "--batch-size", "7"]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["rows"][0]["correct"] == a[0]["correct"]
+    assert main([*args, "--out", str(tmp_path / "d.json"), "--limit", "20"]) == 0
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert d["n"] == 20 and all(r["n"] == 20 for r in d["rows"] if r["attack"] != "cw-l2")
 
 
 def test_wrong_number_of_classes_is_a_one_line_error(trained, tiny_shards, capsys):

@@ -1,5 +1,5 @@
 # Two commands a newcomer needs (see README):
-#   make demo   set up .venv, build Fashion-MNIST shards, train SAT, evaluate
+#   make demo   set up .venv, build Fashion-MNIST shards, train standard + SAT, evaluate, compare
 #   make test   set up .venv, run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,7 +26,8 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
+	# re-running is cheap: complete shards are verified and kept, a finished run is skipped
 	$(VENV)/bin/preprocess build-shards fashion-mnist --split train --out shards/fashion-mnist/train
 	$(VENV)/bin/preprocess build-shards fashion-mnist --split test --out shards/fashion-mnist/test
-	$(VENV)/bin/sat-train fit --shards shards/fashion-mnist/train --method sat --run runs/demo-sat
-	$(VENV)/bin/sat-train eval runs/demo-sat --shards shards/fashion-mnist/test
+	$(VENV)/bin/sat-train experiment configs/fashion-mnist-demo.toml
+	@echo "report: experiments/fashion-mnist-demo/report/report.md"

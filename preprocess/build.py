@@ -140,9 +140,17 @@ def build(cfg: BuildConfig, log=print) -> dict | None:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["preprocess.pipeline", "preprocess.build"])
         pool = ctx.Pool(cfg.workers, initializer=_init_worker)
+    import cv2
+
+    # --workers 1 builds in this process: one core too, like each worker (OpenCV would otherwise
+    # spread decode/resize over every core, and "1 worker" would not mean one core)
+    cv2_threads = cv2.getNumThreads()
+    if pool is None:
+        cv2.setNumThreads(1)
     try:
         return _build(cfg, log, pool)
     finally:
+        cv2.setNumThreads(cv2_threads)
         if pool is not None:  # after an error: stop the workers now
             pool.terminate()
             pool.join()

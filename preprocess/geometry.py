@@ -132,12 +132,15 @@ class Crop:
     def make(cls, window, scale: float, size: int) -> "Crop":
         x0, y0, side = window
         iside = max(1, int(round(side * scale)))
+        iside -= iside % _halving_unit(iside, size)  # < 1/size of the side: exact 2x halvings in shrink_to
         return cls(int(math.floor(x0 * scale + 0.5)), int(math.floor(y0 * scale + 0.5)), iside, scale, size)
 
     @classmethod
     def whole(cls, img_h: int, img_w: int, scale: float, size: int) -> "Crop":
         """The whole image, centred in a square (the short side padded) so nothing is distorted."""
         side = max(img_h, img_w)
+        unit = _halving_unit(side, size)
+        side += -side % unit  # pad (never cut) to a side that halves exactly
         return cls(-((side - img_w) // 2), -((side - img_h) // 2), side, scale, size)
 
     @property
@@ -175,6 +178,29 @@ class Crop:
             patch = cv2.copyMakeBorder(patch, cy0 - y0, y1 - cy1, cx0 - x0, x1 - cx1, cv2.BORDER_CONSTANT, value=0)
         if self.iside == self.size:
             return np.ascontiguousarray(patch)
-        interp = cv2.INTER_AREA if self.iside > self.size else interpolation_up
-        out = cv2.resize(patch, (self.size, self.size), interpolation=interp)
+        out = shrink_to(patch, self.size) if self.iside > self.size else \
+            cv2.resize(patch, (self.size, self.size), interpolation=interpolation_up)
         return out.reshape((self.size, self.size) + img.shape[2:])
+
+
+def _halving_unit(side: int, size: int) -> int:
+    """2^k for the largest k with size * 2^k <= side (1 when not shrinking)."""
+    unit = 1
+    while size * unit * 2 <= side:
+        unit *= 2
+    return unit
+
+
+def shrink_to(patch: np.ndarray, size: int) -> np.ndarray:
+    """Square patch -> size x size without aliasing, mip-map style: exact 2x INTER_AREA halvings
+    (2x2 box means) while the patch is at least twice the output, then one bilinear step of less
+    than 2x. Why: OpenCV's INTER_AREA has a fast path for exact 2x only; at other ratios it cost
+    50-300 us per crop (a third of a COCO build). Crop sides are snapped to a multiple of the
+    halving unit (`_halving_unit`), so every halving is exact and the geometry stays exact."""
+    side = patch.shape[0]
+    while side >= 2 * size:
+        side //= 2
+        patch = cv2.resize(patch[: 2 * side, : 2 * side], (side, side), interpolation=cv2.INTER_AREA)
+    if side == size:
+        return patch
+    return cv2.resize(patch, (size, size), interpolation=cv2.INTER_LINEAR)

@@ -114,6 +114,9 @@ class Source:
     # BuildConfig values for flags the user did not give (CLI), e.g. {"size": 28, "image_format": "raw"};
     # a programmatic BuildConfig with unit "auto" / size 0 also takes unit / size from here
     config_defaults: dict = {}
+    # attributes holding big, lazily (re)loaded state (parsed JSON, pixel arrays): left out of the
+    # pickle that carries the source to each worker, which reloads them on first use if it needs them
+    not_pickled: tuple[str, ...] = ()
 
     @dataclass
     class Options:
@@ -122,9 +125,19 @@ class Source:
     def __init__(self, cfg):
         self.cfg = cfg
         self.options = self.Options(**cfg.source_options)
+        self._classes: list[str] = []
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for name in self.not_pickled:
+            state[name] = None
+        return state
 
     def classes(self) -> list[str]:
-        raise SourceError(f"source {self.name!r} does not list its classes")
+        """Class names in label order (subclasses fill `self._classes` or override this)."""
+        if not self._classes:
+            raise SourceError(f"source {self.name!r} does not list its classes")
+        return list(self._classes)
 
     def fingerprint(self) -> dict:
         raise SourceError(f"source {self.name!r} has no input fingerprint")

@@ -143,6 +143,7 @@ class Cifar10Source(Source):
     build touches every batch all the time, so reading them once is far cheaper than per item."""
 
     name = "cifar10"
+    not_pickled = ("_batches",)
     variant = "cifar10"
     channels = 3
     units = ("image",)
@@ -175,14 +176,6 @@ class Cifar10Source(Source):
         except CifarFormatError as e:
             raise SourceError(str(e)) from None
         self._batches = None  # [(images, labels, names)] read lazily per process; never pickled
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_batches"] = None
-        return state
-
-    def classes(self) -> list[str]:
-        return list(self._classes)
 
     def fingerprint(self) -> dict:
         files = self.paths + [self.root / LAYOUTS[self.variant]["meta"]]

@@ -131,9 +131,6 @@ class ClassFolderSource(Source):
         except ClassFolderLayoutError as e:
             raise SourceError(str(e)) from None
 
-    def classes(self) -> list[str]:
-        return list(self._classes)
-
     def fingerprint(self) -> dict:
         files, classes, _ = self._listing()
         return {"classes": classes, "images": len(files),

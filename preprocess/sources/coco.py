@@ -46,6 +46,7 @@ def _valid_rings(segmentation: list) -> tuple[list, int]:
 
 class CocoSource(Source):
     name = "coco"
+    not_pickled = ("_doc",)
     channels = 3
     has_masks = True
     has_boxes = True
@@ -61,7 +62,7 @@ class CocoSource(Source):
             raise SourceError(f"{self.ann_path}: annotation file not found")
         if not self.image_dir.is_dir():
             raise SourceError(f"{self.image_dir}: image folder not found")
-        # the parsed JSON is kept out of pickles (see __getstate__): workers need only the items
+        # the parsed JSON is kept out of pickles (not_pickled): workers need only the items
         self._doc = self._read(self.ann_path)
         cats = sorted(self._doc["categories"], key=lambda c: c["id"])
         self.cat_index = {c["id"]: i for i, c in enumerate(cats)}
@@ -85,14 +86,6 @@ class CocoSource(Source):
             if not isinstance(c, dict) or "id" not in c:
                 raise SourceError(f"{path}: a category without an id")
         return doc
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_doc"] = None
-        return state
-
-    def classes(self) -> list[str]:
-        return list(self._classes)
 
     def _images(self) -> dict:
         out = {}

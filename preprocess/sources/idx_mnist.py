@@ -133,6 +133,7 @@ class FashionMnistSource(Source):
     --saliency foreground (garments on black: a real weak map) or none (control)."""
 
     name = "fashion-mnist"
+    not_pickled = ("_images",)
     channels = 1
     units = ("image",)
     class_names = FASHION_MNIST_CLASSES
@@ -176,11 +177,6 @@ class FashionMnistSource(Source):
             self.stop = min(self.stop, self.start + o.limit)
         self.count = self.stop - self.start
         self._images = None  # read lazily, once per worker process (see _arrays); never pickled
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_images"] = None
-        return state
 
     def classes(self) -> list[str]:
         return list(self.class_names)

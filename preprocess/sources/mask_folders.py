@@ -201,6 +201,7 @@ class MaskFolderSource(Source):
     in the sample's json."""
 
     name = "mask-folders"
+    not_pickled = ("_split",)
     channels = 3
     has_masks = True
     has_boxes = True
@@ -234,14 +235,6 @@ class MaskFolderSource(Source):
             reasons = ", ".join(f"{len(v)} {k}" for k, v in sorted(self._split.skipped.items())) or "no files"
             raise SourceError(f"{self.root}: no image with a mask and a label in split {cfg.split!r} ({reasons})")
         self._classes = self._split.classes
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_split"] = None
-        return state
-
-    def classes(self) -> list[str]:
-        return list(self._classes)
 
     def fingerprint(self) -> dict:
         recs = self._split.records

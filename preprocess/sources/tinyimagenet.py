@@ -193,6 +193,7 @@ class TinyImageNetSource(Source):
     the box with --context margin). Splits: train and val (test has no labels)."""
 
     name = "tinyimagenet"
+    not_pickled = ("_split",)
     channels = 3
     has_boxes = True
     units = ("image", "object")
@@ -210,14 +211,6 @@ class TinyImageNetSource(Source):
         if not self._split.records:
             raise SourceError(f"{self.root}: no labelled images with boxes in split {cfg.split!r}")
         self._classes = self._split.classes
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_split"] = None  # 100k records stay in the planner; items carry what workers need
-        return state
-
-    def classes(self) -> list[str]:
-        return list(self._classes)
 
     def fingerprint(self) -> dict:
         sp = self._split

@@ -137,14 +137,21 @@ def _coerce_plain(typ, value):
     return typ(value)
 
 
+def read_toml(path: str | Path, error: type[Exception] | None = None, what: str = "config file") -> dict:
+    """Parse a TOML file; a missing or malformed file raises `error` (ConfigError by default) as one line.
+    Shared by fit, eval and experiment configs."""
+    path, error = Path(path), error or ConfigError
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise error(f"{path}: not valid TOML ({e})") from None
+
+
 def load_toml(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    data = read_toml(path)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - names)
     if unknown:

@@ -17,12 +17,12 @@ import dataclasses
 import json
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from sat_train.config import read_toml
 from sat_train.distortions import LEVELS
 
 RESULTS_VERSION = 1
@@ -164,13 +164,7 @@ def parse_args(argv):
 def load_config(args) -> EvalConfig:
     values = {}
     if args.config:
-        path = Path(args.config)
-        try:
-            values = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise EvalError(f"{path}: no such config file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise EvalError(f"{path}: not valid TOML ({e})") from None
+        values = read_toml(args.config, EvalError)
         if set(values) == {"eval"}:
             values = values["eval"]
     names = {f.name for f in dataclasses.fields(EvalConfig)}

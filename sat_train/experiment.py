@@ -37,7 +37,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,12 +80,9 @@ def _uses_saliency(method: str) -> bool:
 
 
 def load_grid(path: Path) -> tuple[dict, dict, dict]:
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExperimentError(f"{path}: no such grid file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ExperimentError(f"{path}: not valid TOML ({e})") from None
+    from sat_train.config import read_toml
+
+    data = read_toml(path, ExperimentError, "grid file")
     unknown = sorted(set(data) - {"experiment", "fit", "eval"})
     if unknown:
         raise ExperimentError(f"{path}: unknown table(s) {', '.join(unknown)} (use [experiment], [fit], [eval])")

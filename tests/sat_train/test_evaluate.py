@@ -17,7 +17,7 @@ SMALL = ["--eps", "2,8", "--check-steps", "2,5", "--pgd-steps", "10", "--l2-eps"
 
 def make_run(run_dir, shard_dir, *, steps=40, version=None, drop=()):
     """A run folder as `sat-train fit` leaves it, trained for a few seconds (standard training)."""
-    loader = make_loader(shard_dir, 32, train=False, backend="torch", num_workers=0)
+    loader = make_loader(shard_dir, 32, train=False, backend="torch", num_workers=0, device="cpu")
     m = loader.manifest
     size = m.image["height"]
     torch.manual_seed(0)

@@ -103,15 +103,19 @@ def _resolve_rank(rank, world_size) -> tuple[int, int]:
 def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto", augment: bool | None = None,
                 crop_padding: int = 4, flip: bool = True, seed: int = 0, drop_last: bool | None = None,
                 rank: int | None = None, world_size: int | None = None, device=None, num_workers: int = 2,
-                verify: str = "size", with_keys: bool = False) -> Loader:
+                verify: str = "size", with_keys: bool = False, decode: str = "auto") -> Loader:
     """Loader over the shard set in `shard_dir` (a folder with manifest.json).
 
     train=True: shuffled per epoch, augmented, last partial batch dropped (defaults; override with
     `augment`/`drop_last`). train=False: manifest order, no augmentation, every sample once.
     `with_keys=True` yields a fourth item, the list of sample keys (for checks and debugging).
+    `decode` places DALI's decoding on a CUDA target: "gpu" (mixed), "cpu" (DALI's threads, then one
+    copy of the uint8 pixels), "auto" (cpu up to 64x64 images, gpu above; see dali_backend.py).
     Raises LoaderError (one-line message naming the file) on a bad shard set or layout."""
     if backend not in BACKENDS:
         raise LoaderError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if decode not in ("auto", "gpu", "cpu"):
+        raise LoaderError(f"decode must be 'auto', 'gpu' or 'cpu', got {decode!r}")
     if crop_padding < 0 or num_workers < 0:
         raise LoaderError("crop_padding and num_workers must be >= 0")
     augment = train if augment is None else bool(augment)
@@ -133,8 +137,10 @@ def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto
     if backend == "dali":
         if not dali_available():
             raise LoaderError("backend 'dali' requested but nvidia.dali does not import (pip install satpipe[dali])")
-        from .dali_backend import DaliLoader as cls
+        from .dali_backend import DaliLoader
+        cls, extra = DaliLoader, {"decode": decode}
     else:
-        from .torch_backend import TorchLoader as cls
+        from .torch_backend import TorchLoader
+        cls, extra = TorchLoader, {}
     return cls(shard_set, layout, seed=int(seed), augment=augment, crop_padding=int(crop_padding), flip=bool(flip),
-               device=device, num_workers=int(num_workers), with_keys=with_keys)
+               device=device, num_workers=int(num_workers), with_keys=with_keys, **extra)

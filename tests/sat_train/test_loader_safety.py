@@ -117,3 +117,14 @@ def test_same_size_damage_found_while_reading(tiny_shards, backend, message):
     with pytest.raises(LoaderError, match=message):
         for _ in loader:
             pass
+
+
+def test_dali_shard_truncated_after_opening_is_named(tiny_shards):
+    """The size check ran at make_loader; a tar cut short later is caught by the read itself."""
+    root = tiny_shards(num_samples=32, per_shard=16)
+    loader = make_loader(root, 8, train=False, backend="dali", device="cpu")
+    tar = read_manifest(root).tar_paths()[1]
+    tar.write_bytes(tar.read_bytes()[:3000])
+    with pytest.raises(LoaderError, match=rf"{tar}: ends before sample 's0000\d\d' \(truncated"):
+        for _ in loader:
+            pass

@@ -12,7 +12,7 @@ r = -1 if u < (1 + p) / 2 else +1 -- given u >= p, (u - p) / (1 - p) is again un
 half is an unbiased sign. One draw instead of two halves the RNG work. Per pixel: w = [uw < p] with a
 second uniform uw per pixel, r = -1 if u < 1/2 else +1.
 
-Randomness comes from a counter-based generator keyed by an integer seed (Philox `tl.rand` on CUDA,
+Randomness comes from a counter-based generator keyed by an integer seed (Philox `tl.rand4x` on CUDA,
 a SplitMix64 hash on CPU), so x' depends only on (x, s, eps, p, seed), not on threads or launch grid.
 The seed is `seed` if given, else drawn from `generator` (else from torch's global generator), so
 torch.manual_seed / a per-epoch torch.Generator make training reproducible. CPU and CUDA draw

@@ -104,21 +104,24 @@ def test_bad_arguments(bad):
 TRITON_SCRIPT = textwrap.dedent(r"""
     import torch
     from kernels.sat_perturb import sat_perturb
-    x = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(0))  # 3600: not a multiple of the block
-    s = torch.rand(3, 1, 20, 20, generator=torch.Generator().manual_seed(1)) * 2 - 1
     eps = 8 / 255
-    for per_pixel in (False, True):
-        for p in (0.0, 0.35, 1.0):
-            out, u, uw = sat_perturb(x, s, eps, p, seed=42, per_pixel=per_pixel, backend="triton", return_draws=True)
-            if per_pixel:
-                w, r = (uw < p).float(), torch.where(u < 0.5, -1.0, 1.0)
-                assert torch.equal(uw[:, 0], uw[:, 2]), "per-pixel draw differs across channels"
-            else:
-                w, r = (u < p).float(), torch.where(u < (1 + p) / 2, -1.0, 1.0)
-            ref = torch.clamp(x - eps * (w * s + (1 - w) * r), 0, 1)
-            assert torch.equal(out, ref), (per_pixel, p, (out - ref).abs().max())
-            again = sat_perturb(x, s, eps, p, seed=42, per_pixel=per_pixel, backend="triton")
-            assert torch.equal(out, again), "not reproducible from the seed"
+    for shape, per_pixel, p in [(s, pp, p) for s in ((3, 3, 20, 20), (2, 3, 50, 50)) for pp in (False, True)
+                                for p in (0.0, 0.35, 1.0)]:  # 400 px: one part-filled block; 2500: two blocks
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+        s = torch.rand(shape[0], 1, *shape[2:], generator=torch.Generator().manual_seed(1)) * 2 - 1
+        out, u, uw = sat_perturb(x, s, eps, p, seed=42, per_pixel=per_pixel, backend="triton", return_draws=True)
+        if per_pixel:
+            w, r = (uw < p).float(), torch.where(u < 0.5, -1.0, 1.0)
+            assert torch.equal(uw[:, 0], uw[:, 2]), "per-pixel draw differs across channels"
+        else:
+            w, r = (u < p).float(), torch.where(u < (1 + p) / 2, -1.0, 1.0)
+        ref = torch.clamp(x - eps * (w * s + (1 - w) * r), 0, 1)
+        assert torch.equal(out, ref), (per_pixel, p, (out - ref).abs().max())
+        again = sat_perturb(x, s, eps, p, seed=42, per_pixel=per_pixel, backend="triton")
+        assert torch.equal(out, again), "not reproducible from the seed"
+        assert u.unique().numel() > 0.99 * u.numel(), "draws repeat: counters overlap"
+        if per_pixel:
+            assert torch.isin(uw[:, 0], u).float().mean() < 0.01, "per-pixel and per-element streams overlap"
     # statistics: share of saliency entries vs p, noise entries exactly at x -/+ eps
     x = torch.full((16, 3, 16, 16), 0.5)
     out, u, _ = sat_perturb(x, torch.zeros(16, 1, 16, 16), eps, 0.3, seed=3, backend="triton", return_draws=True)

@@ -70,6 +70,22 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def average_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Make every process hold the mean of the floating-point buffers (BatchNorm running stats).
+
+    fit wraps the model with broadcast_buffers=False: DDP's default copies rank 0's buffers into the
+    others in place at EVERY forward, and methods with two forwards per step (TRADES) then modify
+    tensors the first forward saved for backward (torch 2.11 refuses: "modified by an inplace
+    operation"). Instead each process keeps its own running stats during the epoch and they are
+    averaged here at the epoch's end, so the checkpoint's stats reflect every process's data."""
+    if not info.enabled:
+        return
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(info.world_size)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -134,7 +134,9 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
 
     start_epoch = 0
     if cfg.resume:
-        ckpt = load_checkpoint(run, map_location=device)
+        # to the CPU: load_state_dict moves weights and optimizer state to the model's device, and the
+        # RNG states must stay CPU byte tensors (mapped to CUDA, torch.set_rng_state refuses them)
+        ckpt = load_checkpoint(run, map_location="cpu")
         if ckpt.get("shards_fingerprint") != manifest.fingerprint:
             raise CheckpointError(f"{ckpt['path']}: trained on other shards than {cfg.shards} (fingerprint differs)")
         if ckpt["model_spec"] != spec:
@@ -147,7 +149,9 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
 
     model = bare
     if info.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(bare, device_ids=[device] if device.type == "cuda" else None)
+        # buffers are averaged once per epoch (D.average_buffers), not broadcast at every forward
+        model = torch.nn.parallel.DistributedDataParallel(bare, device_ids=[device] if device.type == "cuda" else None,
+                                                          broadcast_buffers=False)
     if cfg.compile:
         model = torch.compile(model)
     method = Method.from_config(cfg, channels_last=channels_last)
@@ -174,6 +178,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
         coin = torch.Generator().manual_seed(_seed(cfg.seed, epoch, 1 << 20))  # same on every rank
         stats = run_epoch(model, bare, loader, method, optimizer, scheduler, scaler, autocast, p, gen, coin, cfg,
                           steps_per_epoch, info, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        D.average_buffers(bare, info)
         row = {"epoch": epoch, "p": p, **stats}
         history.append(row)
         if main:

@@ -1,4 +1,4 @@
-"""DistributedDataParallel with 2 gloo processes started by torchrun: same weights on both ranks."""
+"""DistributedDataParallel with 2 gloo processes started by torchrun: same weights and BatchNorm stats on both ranks."""
 import json
 import os
 import subprocess
@@ -22,7 +22,7 @@ WORKER = textwrap.dedent("""
     info = D.setup(cfg.device)
     assert info.world_size == 2 and info.backend == "gloo", info
     model, summary = fit(cfg, info, return_model=True)
-    torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, f"{out}/rank{info.rank}.pt")
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{out}/rank{info.rank}.pt")
     D.teardown(info)
 """)
 
@@ -32,7 +32,7 @@ def test_two_gloo_processes_end_with_the_same_weights(tiny_shards, tmp_path):
     run = tmp_path / "run"
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     # sat+trades: two forwards through DDP per step (TRADES) and the per-batch coin shared by the ranks
     # the documented command line (torchrun == python -m torch.distributed.run), with a worker that keeps
     # each rank's final weights; sat_train.fit.main runs exactly this setup -> fit -> teardown
@@ -43,13 +43,12 @@ def test_two_gloo_processes_end_with_the_same_weights(tiny_shards, tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert w0.keys() == w1.keys()
+    assert w0.keys() == w1.keys() and any("running_mean" in k for k in w0)  # BatchNorm buffers included
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
     # training moved the weights, rank 0's checkpoint holds them, and each rank saw half of the 64 samples
     ckpt = load_checkpoint(run)
-    fresh = {k: v for k, v in ckpt["model"].items() if k in w0}
-    assert all(torch.equal(fresh[k], w0[k]) for k in w0)
+    assert all(torch.equal(ckpt["model"][k], w0[k]) for k in w0)
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert row["images"] == 64 and sum(row["perturbations"].values()) == 4  # 32 per rank / batch 8
     torch.manual_seed(0)  # fit's seed: the initial weights

@@ -61,6 +61,7 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     loader_backend: str = "auto"  # auto | dali | torch (see sat_train.loader)
+    loader_decode: str = "auto"  # DALI on CUDA: gpu | cpu | auto (see sat_train.loader.dali_backend)
     sanity_tol: float = 0.0  # accuracy points of slack before a masking check warns
     aa_gap: float = 5.0  # warn when AutoAttack is this many points below PGD on the same samples
 
@@ -88,6 +89,7 @@ class EvalConfig:
         need(min(self.cw, self.autoattack, self.limit) >= 0, "cw, autoattack and limit must be >= 0")
         need(self.batch_size >= 1, "batch_size must be >= 1")
         need(self.loader_backend in ("auto", "dali", "torch"), "loader_backend: auto | dali | torch")
+        need(self.loader_decode in ("auto", "gpu", "cpu"), "loader_decode: auto | gpu | cpu")
         need(self.autoattack_version in ("standard", "plus", "rand"), "autoattack_version: standard | plus | rand")
         need(all(0 <= c <= 1 for c in self.contrast), "contrast levels must be in [0, 1]")
         need(all(s > 0 for s in list(self.low_pass) + list(self.high_pass)), "filter sigmas must be > 0")
@@ -157,6 +159,7 @@ def parse_args(argv):
     r.add_argument("--seed", type=int)
     r.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     r.add_argument("--loader-backend", help="auto | dali | torch")
+    r.add_argument("--loader-decode", help="DALI on CUDA: auto | gpu | cpu")
     r.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -274,7 +277,7 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
     total = min(manifest.num_samples, cfg.limit) if cfg.limit else manifest.num_samples
     try:  # every sample once, in manifest order, on one process (eval is not distributed)
         loader = make_loader(shard_dir, cfg.batch_size, train=False, backend=cfg.loader_backend, device=device,
-                             rank=0, world_size=1)
+                             rank=0, world_size=1, decode=cfg.loader_decode)
     except LoaderError as e:
         raise EvalError(str(e)) from None
     bar = tqdm(total=total, unit="img", desc="eval", disable=not progress, file=sys.stderr)

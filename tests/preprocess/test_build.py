@@ -173,3 +173,18 @@ def test_box_saliency_and_blur(coco, tmp_path):
     s = next(iter_tar_samples(next((tmp_path / "soft").glob("*.tar"))))
     sal = cv2.imdecode(np.frombuffer(s["sal.png"], np.uint8), 0)
     assert len(np.unique(sal)) > 10  # soft map
+
+
+def test_forkserver_preload_warms_every_kernel_path():
+    """The workers' preload renders one sample per saliency path; afterwards no Numba kernel compiles."""
+    import subprocess
+    import sys
+    script = ("import preprocess.forkserver_preload\n"
+              "from kernels import raster as r, saliency as s\n"
+              "for f in (r._rasterize_polygons, r._rasterize_boxes, r._resample_mask, s._foreground):\n"
+              "    print(len(f.signatures))\n"
+              "print(len(s._saliency_u8.signatures))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    counts = list(map(int, out.stdout.split()))
+    assert counts[:4] == [1] * 4 and counts[4] == 2, out.stdout  # saliency from uint8 and from soft float masks

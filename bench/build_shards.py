@@ -23,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -224,9 +225,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--sigma-frac", type=float, default=0.05)
     ap.add_argument("--no-fmnist", action="store_true", help="skip the Fashion-MNIST row")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds of every configuration (default 3; quick 1)")
     args = ap.parse_args(argv)
     objects = args.objects or (2000 if args.quick else 20000)
     sizes = args.sizes or ([64] if args.quick else [32, 64])
+    args.rounds = args.rounds or (1 if args.quick else 3)
     data = Path(args.data)
     t = time.perf_counter()
     ann_path = generate(data, objects)
@@ -237,33 +240,41 @@ def main(argv=None) -> int:
     generate(tiny, 20)
     run_satpipe(tiny / "instances.json", tiny / "images", 32, args.sigma_frac, 1, work / "warm")
 
-    rows = []
-    for size in sizes:
-        for workers in args.workers:
-            res = {}
-            for name, fn in (("a", lambda o: run_satpipe(ann_path, data / "images", size, args.sigma_frac, workers, o)),
-                             ("b", lambda o: run_naive(ann_path, data / "images", size, args.sigma_frac, True, workers, o)),
-                             ("c", lambda o: run_naive(ann_path, data / "images", size, args.sigma_frac, False, workers, o))):
-                t = time.perf_counter()
-                n = fn(work / name)
-                res[name] = (n, time.perf_counter() - t)
-                print(f"size {size} workers {workers} ({name}): {n} objects in {res[name][1]:.1f}s "
-                      f"= {n / res[name][1]:.0f} obj/s", flush=True)
-            rows.append((size, workers, res))
-    fm_rows = []
-    if FMNIST.is_dir() and not args.no_fmnist:
-        limit = 10000 if args.quick else 0
-        for workers in args.workers:
-            res = {}
-            for name in ("a", "b"):
-                t = time.perf_counter()
-                n = run_fmnist(name, workers, args.sigma_frac, work / ("fm" + name), limit)
-                res[name] = (n, time.perf_counter() - t)
-                print(f"fashion-mnist workers {workers} ({name}): {n} images in {res[name][1]:.1f}s "
-                      f"= {n / res[name][1]:.0f} img/s", flush=True)
-            fm_rows.append((workers, res))
+    # Rounds: every configuration once per round, rounds repeated, each cell the median time over the
+    # rounds. Noise from other work on the machine (seen: +-20% between single runs) then hits all
+    # configurations alike instead of deciding a ratio.
+    configs = [(size, workers, name) for size in sizes for workers in args.workers for name in "abc"]
+    fm_configs = [(workers, name) for workers in args.workers for name in "ab"] \
+        if FMNIST.is_dir() and not args.no_fmnist else []
+    times: dict = {}
+    limit = 10000 if args.quick else 0
+    for rnd in range(args.rounds):
+        for size, workers, name in configs:
+            out = work / name
+            t = time.perf_counter()
+            n = run_satpipe(ann_path, data / "images", size, args.sigma_frac, workers, out) if name == "a" else \
+                run_naive(ann_path, data / "images", size, args.sigma_frac, name == "b", workers, out)
+            dt = time.perf_counter() - t
+            times.setdefault((size, workers, name), []).append((n, dt))
+            print(f"round {rnd + 1}/{args.rounds} size {size} workers {workers} ({name}): {n} objects in {dt:.1f}s "
+                  f"= {n / dt:.0f} obj/s", flush=True)
+        for workers, name in fm_configs:
+            t = time.perf_counter()
+            n = run_fmnist(name, workers, args.sigma_frac, work / ("fm" + name), limit)
+            dt = time.perf_counter() - t
+            times.setdefault(("fm", workers, name), []).append((n, dt))
+            print(f"round {rnd + 1}/{args.rounds} fashion-mnist workers {workers} ({name}): {n} images in {dt:.1f}s "
+                  f"= {n / dt:.0f} img/s", flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
+    def cell(key):  # (count, median seconds)
+        runs = times[key]
+        return runs[0][0], statistics.median(dt for _, dt in runs)
+
+    rows = [(size, workers, {name: cell((size, workers, name)) for name in "abc"})
+            for size in sizes for workers in args.workers]
+    fm_rows = [(workers, {name: cell(("fm", workers, name)) for name in "ab"})
+               for workers in args.workers] if fm_configs else []
     one = {size: res for size, w, res in rows if w == 1}
     lines = ["| size | workers | (a) satpipe obj/s | (b) naive obj/s | (c) repack obj/s | a/b (>= 3) "
              "| time a / time c (<= 1.25) | a: speedup vs 1 worker (>= 1.7) |",
@@ -285,7 +296,7 @@ def main(argv=None) -> int:
     text = (f"# bench/build_shards.py\n\n`python bench/build_shards.py{' --quick' if args.quick else ''}` "
             f"on {os.cpu_count()} CPU cores; {meta['objects']} objects in {meta['images']} 640x480 JPEGs, "
             f"sigma_frac {args.sigma_frac}, jpg output. Times are whole runs (planning, worker start, manifest "
-            f"included).\n\n{table}\n")
+            f"included), the median of {args.rounds} interleaved rounds.\n\n{table}\n")
     print("\n" + table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".md.tmp")

@@ -7,7 +7,8 @@
         for x, s, y in loader:   # x float32 [0,1] NCHW, s float32 [-1,1] N1HW, y int64 N, on loader.device
             ...
 
-Backends: "dali" (fn.readers.webdataset; mixed GPU decode on CUDA, CPU pipeline otherwise),
+Backends: "dali" (one pipeline fed the planned samples through fn.external_source; decode on the
+GPU or DALI's CPU threads on CUDA, CPU pipeline otherwise; see dali_backend.py),
 "torch" (webdataset tar reading + DataLoader workers, cv2 decode), "auto" (DALI when it imports).
 Both follow the same per-epoch plan (see plan.py for the exact epoch, shuffle and distributed
 semantics) and the same augmentation (augment.py). The epoch is explicit: iterating twice without

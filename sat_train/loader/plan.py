@@ -14,8 +14,8 @@ Semantics (tested in tests/sat_train/test_loader_plan.py):
   near-even split (the first `N % W` ranks hold one sample more), nothing is dropped unless asked:
   every sample exactly once over all ranks, in order. Rank counts may then differ by one sample (so
   by one batch): evaluation must not run a collective per batch; reduce totals after the loop.
-* Ranks split samples, not shards: fewer shards than ranks is fine (DALI reads part of a tar
-  through a per-epoch index). A layout in which some rank would get no batch at all is refused up
+* Ranks split samples, not shards: fewer shards than ranks is fine (both backends read just the
+  planned samples of a tar, at the offsets of its index). A layout in which some rank would get no batch at all is refused up
   front with the same `LoaderError` on every rank, so no rank waits for another that never starts.
 
 Reading order is shard by shard (sequential I/O, which both DALI and webdataset want), so a batch

@@ -11,7 +11,6 @@ comes last. Re-running the same command resumes (see preprocess/plan.py).
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
 import sys
 import threading
 import uuid
@@ -28,6 +27,7 @@ from preprocess.plan import (BuildError, ShardPlan, digest_of, make_plan, plan_d
                              remove_stale_temps, shard_done, state_dir)
 from preprocess.sources import Skip, SourceError, get_source_class
 from preprocess.tar_fast import FastShardWriter
+from preprocess.workers import PoolStarter
 
 # ----------------------------------------------------------------------------- one shard (worker side)
 
@@ -44,26 +44,6 @@ class Job:
 
 
 _CURRENT: dict = {}  # per process: the build token and the first Job received for that build
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
-def _init_worker() -> None:
-    import ctypes
-
-    import cv2
-
-    cv2.setNumThreads(1)  # N worker processes already fill the cores: no nested thread pools
-    # Keep freed decode buffers in the heap: by default every decoded image (> 128 KiB) is a fresh mmap,
-    # so each decode page-faults its output in again, and page faults of two workers running at once
-    # cost ~19% more CPU per shard (measured: 0.39 s vs 0.34 s per 1000-object shard at 2 workers).
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
-    except (OSError, AttributeError):  # not glibc: only slower
-        pass
 
 
 def _record(counts: dict, examples: dict, skip: Skip) -> None:
@@ -149,37 +129,9 @@ def _header(cfg: BuildConfig, source, kind: str, shards: list[ShardPlan], plan_s
     }
 
 
-class _PoolStarter:
-    """Start the worker pool in a thread: `Pool()` blocks until the forkserver has imported and
-    warmed up its preload and forked every worker (~0.8 s), which then overlaps with reading the
-    annotations in the main thread instead of coming before it. forkserver: workers come from a
-    clean process (no threads inherited through fork) and share its preloaded, warmed-up imports
-    (preprocess/forkserver_preload.py; torch is not among them: FastShardWriter does not import
-    webdataset)."""
-
-    def __init__(self, workers: int):
-        self.pool, self.error = None, None
-        self.thread = threading.Thread(target=self._start, args=(workers,), daemon=True)
-        self.thread.start()
-
-    def _start(self, workers: int) -> None:
-        try:
-            ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["preprocess.forkserver_preload"])
-            self.pool = ctx.Pool(workers, initializer=_init_worker)
-        except BaseException as e:  # handed to the main thread by get()
-            self.error = e
-
-    def get(self):
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.pool
-
-
 def build(cfg: BuildConfig, log=print) -> dict | None:
     """Run a build; returns the manifest (None for a non-final node of a multi-node build)."""
-    starter = _PoolStarter(cfg.workers) if cfg.workers > 1 else None
+    starter = PoolStarter(cfg.workers) if cfg.workers > 1 else None  # see preprocess/workers.py
     import cv2
 
     # --workers 1 builds in this process: one core too, like each worker (OpenCV would otherwise
@@ -192,10 +144,7 @@ def build(cfg: BuildConfig, log=print) -> dict | None:
     finally:
         cv2.setNumThreads(cv2_threads)
         if starter is not None:  # after an error: stop the workers now
-            starter.thread.join()
-            if starter.pool is not None:
-                starter.pool.terminate()
-                starter.pool.join()
+            starter.stop()
 
 
 def _build(cfg: BuildConfig, log, starter) -> dict | None:

@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
+    if name == "build-shards":
+        from preprocess.workers import start_forkserver, workers_requested
+
+        if workers_requested(rest) > 1:  # before the heavy imports below: see preprocess/workers.py
+            start_forkserver()
     if name not in COMMANDS:
         print(f"preprocess: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2

@@ -188,3 +188,11 @@ def test_forkserver_preload_warms_every_kernel_path():
     assert out.returncode == 0, out.stderr
     counts = list(map(int, out.stdout.split()))
     assert counts[:4] == [1] * 4 and counts[4] == 2, out.stdout  # saliency from uint8 and from soft float masks
+
+
+def test_workers_requested_reads_the_command_line():
+    from preprocess.workers import workers_requested
+    assert workers_requested(["coco", "--workers", "4", "--size", "32"]) == 4
+    assert workers_requested(["coco", "--workers=3"]) == 3
+    assert workers_requested(["coco", "--size", "32"]) == 0
+    assert workers_requested(["coco", "--workers", "two"]) == 0 and workers_requested(["coco", "--workers"]) == 0

@@ -202,16 +202,16 @@ def _fmnist_naive_worker(args) -> int:
 
 def run_fmnist(which: str, workers: int, sigma_frac: float, out_dir: Path, limit: int) -> int:
     shutil.rmtree(out_dir, ignore_errors=True)
-    if which == "a":  # the real command in a fresh process, as for the COCO rows
-        import subprocess
+    if which == "a":
+        # in this process, like its baseline loop: on a ~5 s job a fresh interpreter's start and imports
+        # (~1 s) would decide the ratio; the COCO rows time the command in a fresh process instead
+        from preprocess.build import build
+        from preprocess.config import BuildConfig
 
-        cmd = [sys.executable, "-m", "preprocess", "build-shards", "fashion-mnist", "--split", "train", "--size", "28",
-               "--image-format", "raw", "--saliency", "foreground", "--sigma-frac", str(sigma_frac), "--out",
-               str(out_dir), "--workers", str(workers), "--no-progress", "--limit", str(limit)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        return json.loads((out_dir / "manifest.json").read_text())["counts"]["written"]
+        cfg = BuildConfig(source="fashion-mnist", split="train", size=28, image_format="raw", saliency="foreground",
+                          sigma_frac=sigma_frac, out=str(out_dir), workers=workers, progress=False,
+                          source_options={"limit": limit} if limit else {})
+        return build(cfg, log=lambda *_: None)["counts"]["written"]
     out_dir.mkdir(parents=True)
     n = limit or 60000
     parts = [(FMNIST / "train-images-idx3-ubyte.gz", FMNIST / "train-labels-idx1-ubyte.gz",

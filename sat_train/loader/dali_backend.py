@@ -37,6 +37,7 @@ from .plan import LoaderError
 from .safety import sample_key
 
 SMALL_IMAGE_PIXELS = 64 * 64  # "auto": decode images up to this size on the CPU threads
+MAX_OPEN_TARS = 16  # file descriptors the source keeps (a set may have thousands of shards)
 
 
 def _dali_cause(message: str) -> str:
@@ -126,6 +127,8 @@ class _PlanSource:
         fd = self.files.get(shard)
         try:
             if fd is None:
+                if len(self.files) >= MAX_OPEN_TARS:  # plans read shard by shard: the oldest is done with
+                    os.close(self.files.pop(next(iter(self.files))))
                 fd = self.files[shard] = os.open(self.tars[shard], os.O_RDONLY)
             data = os.pread(fd, length, start)
         except OSError as e:

@@ -200,3 +200,12 @@ def test_gpu_decode_matches_cpu(tiny_shards, fmt, decode):
         assert torch.equal(a.cpu(), b)
     xi, si = as_uint8(aug[0].cpu(), aug[1].cpu())
     assert ((xi[..., 0] >= 128) == (si > 127)).mean() == 1.0
+
+
+def test_dali_source_keeps_few_tars_open(tiny_shards, monkeypatch):
+    from sat_train.loader import dali_backend
+    monkeypatch.setattr(dali_backend, "MAX_OPEN_TARS", 2)
+    root = tiny_shards(num_samples=80, per_shard=8)  # 10 shards
+    loader = make_loader(root, 8, train=True, backend="dali", device="cpu", with_keys=True)
+    got = run_epoch(loader, 0)
+    assert len(got[3]) == 80 and len(loader._source.files) <= 2

@@ -61,8 +61,6 @@ def build_shard(task: tuple[Job, ShardPlan]) -> tuple[str, dict]:
     from preprocess.pipeline import make_sample
 
     job, shard = task
-    import os as _os, time as _time
-    _t0 = _time.perf_counter(); _c0 = _time.process_time()
     # one Job per process and build: a source's lazily loaded state (e.g. a decompressed IDX array)
     # then lives as long as the worker instead of being rebuilt for every shard
     if _CURRENT.get("token") != job.token:
@@ -102,9 +100,6 @@ def build_shard(task: tuple[Job, ShardPlan]) -> tuple[str, dict]:
         info = w.info.to_dict()
     side = {"plan": job.plan, "shard": info, "counts": counts, "examples": examples}
     atomic_write_json(state_dir(out) / f"{shard.name}.json", side)
-    if _os.environ.get("SATPIPE_PROFILE"):
-        with open(_os.environ["SATPIPE_PROFILE"], "a") as _f:
-            _f.write(f"{_os.getpid()} {shard.name} {_time.time()-(_time.perf_counter()-_t0):.3f} {_time.time():.3f} {_time.process_time()-_c0:.3f}\n")
     return shard.name, side
 
 

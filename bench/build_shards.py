@@ -33,6 +33,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from shards.format import atomic_write_bytes
+
 RESULTS = Path(__file__).parent / "results" / "build_shards.md"
 
 
@@ -325,9 +327,7 @@ def main(argv=None) -> int:
             f"included), the median of {args.rounds} interleaved rounds.\n\n{table}\n")
     print("\n" + table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
+    atomic_write_bytes(RESULTS, text.encode())
     print(f"\nwrote {RESULTS}")
     return 0
 

@@ -17,7 +17,6 @@ Target: satpipe <= 1.0x torchattacks. The robust accuracies of both are printed 
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ import torch
 from sat_train.attacks import pgd
 from sat_train.models import build_model
 from sat_train.robustness import prepare_for_attack
+from shards.format import atomic_write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval.md"
 EPS, STEPS = 8 / 255, 20
@@ -185,9 +185,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_name(f".{RESULTS.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
+    atomic_write_bytes(RESULTS, text.encode())
     return 0
 
 

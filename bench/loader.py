@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from sat_train.loader import dali_available, make_loader
-from shards.format import FORMAT_NAME, FORMAT_VERSION, ShardWriter, atomic_write_json, encode_label, saliency_to_uint8
+from shards.format import (FORMAT_NAME, FORMAT_VERSION, ShardWriter, atomic_write_bytes, atomic_write_json,
+                           encode_label, saliency_to_uint8)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loader.md"
 
@@ -139,9 +140,7 @@ def main(argv=None) -> None:
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".md.tmp")
-    tmp_out.write_text(table)
-    tmp_out.replace(args.out)
+    atomic_write_bytes(args.out, table.encode())
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Writes the tables to bench/results/train_step.md.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -33,6 +32,7 @@ from tqdm import tqdm
 from kernels.sat_perturb import sat_perturb
 from sat_train.methods import Method
 from sat_train.models import build_model
+from shards.format import atomic_write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.md"
 METHODS = [("standard", "standard", {}), ("sat", "sat", {}), ("sat (unfused)", "sat", {"unfused": True}),
@@ -197,9 +197,7 @@ def main(argv=None) -> int:
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    atomic_write_bytes(out, text.encode())
     return 0
 
 

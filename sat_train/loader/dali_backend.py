@@ -85,7 +85,7 @@ class _PlanSource:
         image, saliency and label lie inside that read. Made once per shard, on first use."""
         where = self.where.get(shard)
         if where is None:
-            where = self.where[shard] = []
+            where = []  # cached only when complete: a bad sample raises, and the table is not kept
             for sample in self.entries[shard]:
                 comp = {ext: (off, size) for ext, off, size, _ in sample}
                 start = min(off for off, _ in comp.values())
@@ -97,6 +97,7 @@ class _PlanSource:
                         f"raw image has {isz} bytes, the manifest's shape needs {self.raw_bytes}"
                     raise LoaderError(f"{self.tars[shard]}: sample {key!r}: {what}")
                 where.append((start, end - start, io - start, isz, so - start, ssz, lo - start, key))
+            self.where[shard] = where
         return where
 
     def __next__(self):
@@ -157,10 +158,10 @@ class DaliLoader(Loader):
         self._mid_epoch = False
 
     def close(self) -> None:
+        """Drop the pipeline and close the tars; the source (and its per-shard read tables) stays."""
         self._iter = self._pipe = None
         if self._source is not None:
             self._source.close()
-            self._source = None
 
     def _build(self):
         from nvidia.dali import fn, types

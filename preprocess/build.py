@@ -143,8 +143,6 @@ def build(cfg: BuildConfig, log=print) -> dict | None:
 
 
 def _build(cfg: BuildConfig, log, starter) -> dict | None:
-    from preprocess.pipeline import resolve_saliency
-
     source_cls = get_source_class(cfg.source)
     defaults = getattr(source_cls, "config_defaults", {})
     if cfg.unit == "auto":  # resolved before anything is saved: the manifest names the real unit
@@ -154,7 +152,7 @@ def _build(cfg: BuildConfig, log, starter) -> dict | None:
     if cfg.unit not in source_cls.units:
         raise BuildError(f"source {cfg.source!r} supports --unit {'|'.join(source_cls.units)}, not {cfg.unit!r}")
     try:
-        kind = resolve_saliency(cfg.saliency, source_cls)
+        kind = source_cls.resolve_saliency(cfg.saliency)
     except ValueError as e:
         raise BuildError(str(e)) from None
     out = Path(cfg.out or Path("shards") / cfg.source / cfg.split)

@@ -20,3 +20,27 @@ try:
     warm_up()
 except Exception:  # only a head start: a worker that is not warm warms up in its first shard
     pass
+
+
+def _in_forkserver() -> bool:
+    """True when multiprocessing's forkserver loop is importing this module (not a test or a user)."""
+    from multiprocessing import forkserver
+
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code is forkserver.main.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+if _in_forkserver():
+    # The server exits when the build's main process has exited. It holds nothing to clean up (its
+    # workers exit with os._exit and never run atexit), but a normal interpreter exit tears down cv2,
+    # Numba and satpipe: ~0.14 s after the command has finished, with the command's stdout still open,
+    # so whoever reads the command's output until EOF (a script, a pipe) waited for it.
+    import atexit
+    import os
+
+    _server_pid = os.getpid()
+    atexit.register(lambda: os.getpid() == _server_pid and os._exit(0))

@@ -108,8 +108,9 @@ def square_window(box_xyxy, context: float) -> tuple[float, float, float]:
 
 def clip_box(box_xyxy, width: float, height: float):
     """Clip a box to the image; None when nothing of it is left (or it has NaN / inf)."""
-    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+    x0, y0, x1, y1 = map(float, box_xyxy)
+    isfinite = math.isfinite  # no generator here: the planner calls this once per annotation
+    if not (isfinite(x0) and isfinite(y0) and isfinite(x1) and isfinite(y1)):
         return None
     x0, x1 = max(0.0, min(x0, x1)), min(float(width), max(x0, x1))
     y0, y1 = max(0.0, min(y0, y1)), min(float(height), max(y0, y1))

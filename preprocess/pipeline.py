@@ -9,7 +9,8 @@ Saliency kinds (`--saliency`):
   box         union of the objects' boxes (the paper's "coarser map")
   foreground  threshold of the output image against its border colour (plain-background data)
   none        s = 0 everywhere (grey 128): SAT degenerates to noise training, a control
-  auto        the best the source has: mask, else box, else foreground (resolved before building)
+  auto        the best the source has: mask, else box, else foreground (resolved before building,
+              by Source.resolve_saliency)
 """
 from __future__ import annotations
 
@@ -27,19 +28,6 @@ from preprocess.sources.base import RawSample, Shape
 
 SMALL_MAP_PIXELS = 900  # uncompressed PNG (pixels + a filter byte per row + ~70 header bytes) fits 2 tar blocks
 _SMALL_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 0]
-
-
-def resolve_saliency(kind: str, source_cls) -> str:
-    """Check a --saliency kind against what a source has; 'auto' becomes the best the source has
-    (mask > box > foreground), so the manifest names the kind that was really built."""
-    if kind == "auto":
-        return "mask" if source_cls.has_masks else "box" if source_cls.has_boxes else "foreground"
-    if kind == "mask" and not source_cls.has_masks:
-        raise ValueError(f"source {source_cls.name!r} has no masks; use --saliency "
-                         + ("box|" if source_cls.has_boxes else "") + "foreground|none")
-    if kind == "box" and not (source_cls.has_boxes or source_cls.has_masks):
-        raise ValueError(f"source {source_cls.name!r} has no boxes; use --saliency foreground|none")
-    return kind
 
 
 def _shape_mask(shape: Shape, crop: Crop, use_box: bool) -> np.ndarray:

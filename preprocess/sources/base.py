@@ -122,6 +122,20 @@ class Source:
     class Options:
         pass
 
+    @classmethod
+    def resolve_saliency(cls, kind: str) -> str:
+        """Check a --saliency kind against what this source has; 'auto' becomes the best it has
+        (mask > box > foreground), so the manifest names the kind that was really built. Lives here,
+        not in pipeline.py, so the main process of a parallel build never imports the kernels."""
+        if kind == "auto":
+            return "mask" if cls.has_masks else "box" if cls.has_boxes else "foreground"
+        if kind == "mask" and not cls.has_masks:
+            raise ValueError(f"source {cls.name!r} has no masks; use --saliency "
+                             + ("box|" if cls.has_boxes else "") + "foreground|none")
+        if kind == "box" and not (cls.has_boxes or cls.has_masks):
+            raise ValueError(f"source {cls.name!r} has no boxes; use --saliency foreground|none")
+        return kind
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.options = self.Options(**cfg.source_options)

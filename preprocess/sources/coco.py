@@ -138,10 +138,11 @@ class CocoSource(Source):
             rle = seg
         bbox = ann.get("bbox")
         try:
-            x, y, bw, bh = (float(v) for v in bbox)
+            x, y, bw, bh = map(float, bbox)
         except (TypeError, ValueError):
             return "invalid box"
-        if not all(math.isfinite(v) for v in (x, y, bw, bh)):
+        isfinite = math.isfinite
+        if not (isfinite(x) and isfinite(y) and isfinite(bw) and isfinite(bh)):
             return "NaN or infinite box"
         if bw <= 0 or bh <= 0:
             return "zero-area or negative box"

@@ -190,6 +190,19 @@ def test_forkserver_preload_warms_every_kernel_path():
     assert counts[:4] == [1] * 4 and counts[4] == 2, out.stdout  # saliency from uint8 and from soft float masks
 
 
+def test_forkserver_fast_exit_is_only_armed_in_the_forkserver():
+    """The preload skips interpreter teardown in the forkserver only: anyone else importing it (a test,
+    a user) keeps its exit code and its atexit handlers."""
+    import subprocess
+    import sys
+    script = ("import atexit, preprocess.forkserver_preload as p\n"
+              "atexit.register(print, 'atexit ran')\n"
+              "assert not p._in_forkserver()\n"
+              "raise SystemExit(3)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3 and "atexit ran" in out.stdout, out.stderr
+
+
 def test_workers_requested_reads_the_command_line():
     from preprocess.workers import workers_requested
     assert workers_requested(["coco", "--workers", "4", "--size", "32"]) == 4

@@ -28,6 +28,7 @@ from .safety import open_shard_set
 __all__ = ["make_loader", "LoaderError", "Loader", "dali_available"]
 
 BACKENDS = ("auto", "dali", "torch")
+DECODES = ("auto", "gpu", "cpu")  # where DALI decodes on a CUDA target (see make_loader)
 
 
 def dali_available() -> bool:
@@ -115,8 +116,8 @@ def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto
     Raises LoaderError (one-line message naming the file) on a bad shard set or layout."""
     if backend not in BACKENDS:
         raise LoaderError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if decode not in ("auto", "gpu", "cpu"):
-        raise LoaderError(f"decode must be 'auto', 'gpu' or 'cpu', got {decode!r}")
+    if decode not in DECODES:
+        raise LoaderError(f"decode must be one of {DECODES}, got {decode!r}")
     if crop_padding < 0 or num_workers < 0:
         raise LoaderError("crop_padding and num_workers must be >= 0")
     augment = train if augment is None else bool(augment)

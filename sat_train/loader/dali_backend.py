@@ -148,9 +148,7 @@ class DaliLoader(Loader):
     backend = "dali"
 
     def __init__(self, *args, decode: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        if decode not in ("auto", "gpu", "cpu"):
-            raise LoaderError(f"decode must be 'auto', 'gpu' or 'cpu', got {decode!r}")
+        super().__init__(*args, **kwargs)  # `decode` was checked by make_loader
         image = self.manifest.image
         small = image.get("height", 0) * image.get("width", 0) <= SMALL_IMAGE_PIXELS
         self.gpu_decode = self.device.type == "cuda" and (decode == "gpu" or (decode == "auto" and not small))

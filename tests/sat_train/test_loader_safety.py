@@ -128,3 +128,10 @@ def test_dali_shard_truncated_after_opening_is_named(tiny_shards):
     with pytest.raises(LoaderError, match=rf"{tar}: ends before sample 's0000\d\d' \(truncated"):
         for _ in loader:
             pass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unknown_decode_placement_is_refused(tiny_shards, backend):
+    root = tiny_shards(num_samples=16, per_shard=16)
+    with pytest.raises(LoaderError, match="decode must be one of"):
+        make_loader(root, 8, train=True, backend=backend, device="cpu", decode="nvjpeg")

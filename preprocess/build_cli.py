@@ -29,7 +29,8 @@ _HELP = {
     "size": "output side in pixels (square; image and saliency share the geometry); 0 = the source's default",
     "image_format": "jpg (see --jpeg-quality), png (lossless) or raw (HxWxC uint8, for tiny images)",
     "jpeg_quality": "JPEG quality 1-100",
-    "saliency": "auto (mask if annotated, else foreground), mask, box (coarser map), foreground, none (s=0)",
+    "saliency": "auto (mask if annotated, else foreground), mask, box (coarser map), foreground, foreground-box "
+                "(the foreground's bounding box: the coarser map where there are no boxes), none (s=0)",
     "sigma_frac": "Gaussian blur sigma as a fraction of --size; 0 = the paper's hard map",
     "foreground_threshold": "foreground = pixels differing from the border colour by more than this many grey levels",
     "context": "margin around an object's box, as a fraction of its longer side, on each side",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 UNITS = ("auto", "object", "image")
 IMAGE_FORMATS = ("jpg", "png", "raw")
-SALIENCY_KINDS = ("auto", "mask", "box", "foreground", "none")
+SALIENCY_KINDS = ("auto", "mask", "box", "foreground", "foreground-box", "none")
 
 # fields that do not change a single output byte: never saved, never compared
 RUNTIME_FIELDS = ("out", "workers", "num_nodes", "node_rank", "overwrite", "progress")

@@ -8,6 +8,7 @@ Saliency kinds (`--saliency`):
   mask        union of the objects' finest geometry (polygon / RLE / mask; box where that is all)
   box         union of the objects' boxes (the paper's "coarser map")
   foreground  threshold of the output image against its border colour (plain-background data)
+  foreground-box  the foreground's bounding box, filled (the coarser map of plain-background data)
   none        s = 0 everywhere (grey 128): SAT degenerates to noise training, a control
   auto        the best the source has: mask, else box, else foreground (resolved before building,
               by Source.resolve_saliency)
@@ -57,13 +58,24 @@ def _shape_mask(shape: Shape, crop: Crop, use_box: bool) -> np.ndarray:
     return Crop.make((x0, y0, x1 - x0), 1.0, size).apply(m)
 
 
+def _filled_bounding_box(mask: np.ndarray) -> np.ndarray:
+    """{0,1} mask -> its bounding box filled with 1 (an empty mask stays empty)."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    box = np.zeros_like(mask)
+    if len(rows):
+        box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = 1
+    return box
+
+
 def render_saliency(raw: RawSample, crop: Crop, image_out: np.ndarray, kind: str, cfg) -> np.ndarray:
     """uint8 size x size saliency (round((s+1)*127.5)) for one sample."""
     size = crop.size
     if kind == "none":
         return np.full((size, size), 128, np.uint8)  # s = 0
-    if kind == "foreground":
+    if kind in ("foreground", "foreground-box"):
         mask = foreground_mask(image_out, cfg.foreground_threshold)
+        if kind == "foreground-box":
+            mask = _filled_bounding_box(mask)
     else:
         if not raw.shapes:  # an unannotated sample of an annotated set: nothing is salient
             mask = np.zeros((size, size), np.uint8)

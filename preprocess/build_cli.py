@@ -35,6 +35,10 @@ _HELP = {
     "foreground_threshold": "foreground = pixels differing from the border colour by more than this many grey levels",
     "context": "margin around an object's box, as a fraction of its longer side, on each side",
     "min_box": "skip objects whose box is smaller than this many source pixels",
+    "max_pixels": "skip (count as 'image too large') images whose header declares more pixels than this; "
+                  "they are never decoded (a decompression bomb cannot exhaust memory)",
+    "allow_outside_root": "read image files that annotations place outside the dataset folder (absolute "
+                          "paths, '..', symlinks leading out); without it they are skipped as 'path outside root'",
     "shard_size": "samples per shard",
     "seed": "shuffle seed (which samples share a shard, and their order)",
     "out": "output folder (default: shards/SOURCE/SPLIT)",

@@ -21,6 +21,9 @@ RUNTIME_FIELDS = ("out", "workers", "num_nodes", "node_rank", "overwrite", "prog
 # input locations: saved (so a user sees what was read) but not compared, because the same data
 # may sit at another path on another node; the input fingerprint covers their content
 PATH_FIELDS = ("root", "annotations", "images")
+# fields added after shards were first built: left out of the digest while at their default, so a
+# build made before they existed still resumes (its digest did not include them either)
+LATER_FIELDS = ("max_pixels", "allow_outside_root")
 
 
 class ConfigError(ValueError):
@@ -46,6 +49,9 @@ class BuildConfig:
     foreground_threshold: float = 16.0  # grey levels a pixel must differ from the border colour to be foreground
     context: float = 0.25  # margin around an object box, as a fraction of its longer side, each side
     min_box: float = 2.0  # objects whose box side is below this many source pixels are skipped
+    # input safety (issue 16): what is read at all
+    max_pixels: int = 100_000_000  # images whose header declares more pixels are skipped, never decoded
+    allow_outside_root: bool = False  # read image paths from annotations that resolve outside the dataset folder
     # shards
     shard_size: int = 1000  # samples per shard
     seed: int = 0
@@ -74,6 +80,8 @@ class BuildConfig:
         need(0.0 <= self.context <= 4.0, f"--context must be in [0, 4], got {self.context}")
         need(0.0 <= self.foreground_threshold < 255.0, "--foreground-threshold must be in [0, 255) grey levels")
         need(self.min_box >= 0, "--min-box must be >= 0")
+        need(type(self.max_pixels) is int and self.max_pixels >= 1,
+             f"--max-pixels must be a whole number >= 1, got {self.max_pixels!r}")
         need(self.shard_size >= 1, f"--shard-size must be >= 1, got {self.shard_size}")
         need(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
         need(self.num_nodes >= 1, f"--num-nodes must be >= 1, got {self.num_nodes}")
@@ -101,7 +109,9 @@ class BuildConfig:
 
     def digest(self) -> str:
         """Hash of the output-deciding fields: equal digests + equal input fingerprints = same shards."""
-        d = {k: v for k, v in self.saved().items() if k not in PATH_FIELDS}
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        d = {k: v for k, v in self.saved().items()
+             if k not in PATH_FIELDS and not (k in LATER_FIELDS and v == default[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def __str__(self) -> str:

@@ -9,7 +9,9 @@ through exactly the same geometry.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,10 @@ _REDUCED = {  # (channels, factor) -> cv2 imread flag; factor 1 = full size
     (1, 1): cv2.IMREAD_GRAYSCALE, (1, 2): cv2.IMREAD_REDUCED_GRAYSCALE_2,
     (1, 4): cv2.IMREAD_REDUCED_GRAYSCALE_4, (1, 8): cv2.IMREAD_REDUCED_GRAYSCALE_8,
 }
+DEFAULT_MAX_PIXELS = 100_000_000  # --max-pixels: 100 MP is 300 MB decoded RGB, per worker
+# JPEGs above this are decoded reduced when every crop allows it (sources that did not reduce
+# before; COCO always did). 16 MP = 48 MB RGB: below it, full decoding costs little memory.
+REDUCE_ABOVE_PIXELS = 16_000_000
 
 
 class ImageError(Exception):
@@ -50,27 +56,173 @@ def _looks_truncated(data: bytes) -> bool:
     return False
 
 
-def decode_image(path: str | Path, channels: int = 3, reduce: int = 1) -> tuple[np.ndarray, float]:
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they hold the size
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first SOF segment, walking the segments (an EXIF thumbnail sits
+    inside APP1 and is skipped whole, so its SOF is never mistaken for the image's)."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _SOF:
+            if i + 9 > n:
+                return None
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        if marker in (0xD9, 0xDA) or length < 2:  # end of image / start of scan before any SOF
+            return None
+        i += 2 + length
+    return None
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) an image file declares, read from its header without decoding pixels.
+
+    PNG (IHDR) and JPEG (SOF) are parsed here (microseconds); other formats go through PIL's lazy
+    `Image.open`, which reads only the header. None when the size cannot be told; HeaderTooLarge
+    when PIL refuses the file as a decompression bomb."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if data[12:16] != b"IHDR" or len(data) < 24:
+            return None
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    import io
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (89 MP) or refuses (179 MP) by its own global limit; --max-pixels decides here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Image.DecompressionBombError as e:  # past PIL's own hard limit (179 MP): it names the count
+        import re
+
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise HeaderTooLarge(int(m.group(1)) if m else 0) from None
+    except Exception:  # noqa: BLE001 - any header PIL cannot parse: size unknown, OpenCV decides
+        return None
+
+
+class HeaderTooLarge(Exception):
+    """PIL refused to even open a huge image (past its own limit) and told only the pixel count."""
+
+    def __init__(self, pixels: int):
+        super().__init__(f"{pixels} pixels")
+        self.pixels = pixels
+
+
+def resolves_inside(path: str | Path, root: str | Path) -> bool:
+    """Whether `path`, with every symlink followed, lies inside `root` (also resolved).
+
+    The folder part is resolved once per folder (cached) and the file itself only when it is a
+    link: one lstat per image instead of one per path component."""
+    p = os.fspath(path)
+    folder, name = os.path.split(p)
+    real = os.path.normpath(os.path.join(_real_dir(folder or "."), name))
+    if os.path.islink(real):
+        real = os.path.realpath(real)
+    top = _real_dir(os.fspath(root))
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_dir(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
+def reduce_if_large(size: int, min_crop_side: float | None = None):
+    """A `reduce` argument for `decode_image`: a JPEG above REDUCE_ABOVE_PIXELS decodes at the
+    largest libjpeg reduction that keeps every crop (`min_crop_side` source pixels; None = the
+    whole image) at least `size` pixels wide. Smaller images decode at full size, so their output
+    bytes are what they were before large images were reduced."""
+    def pick(width: int, height: int) -> int:
+        if width * height <= REDUCE_ABOVE_PIXELS:
+            return 1
+        return reduction_for(max(width, height) if min_crop_side is None else min_crop_side, size)
+    return pick
+
+
+@dataclass(frozen=True)
+class Decoded:
+    pixels: np.ndarray  # uint8 HxWx3 RGB or HxW grey, possibly reduced
+    scale: float  # image px per source px
+    width: int  # source size (the header's; the decoded size when the header could not be read)
+    height: int
+
+
+def read_image(path: str | Path, channels: int = 3, reduce=1, *, max_pixels: int = 0,
+               root: str | Path | None = None) -> Decoded:
     """Read an image file as uint8 RGB (channels=3) or grey (channels=1), optionally reduced.
 
+    Checks before any pixel is decoded, each an ImageError whose reason is the skip reason:
+    `root` given: the path (symlinks followed) must lie inside it ("path outside root", the file is
+    never opened); an empty file ("empty image"); the header's width x height above `max_pixels`
+    ("image too large": a decompression bomb never allocates). Then "truncated image" /
+    "undecodable image". `reduce`: 1, 2, 4, 8 (libjpeg DCT scaling), or a function (width, height)
+    -> factor called with the header's size, applied to JPEGs only (OpenCV decodes other formats
+    at full size and shrinks, which saves nothing).
+
     Grey, RGBA, 16-bit and palette files are converted (OpenCV's IMREAD_COLOR/GRAYSCALE do it:
-    alpha dropped, 16-bit scaled to 8). Returns (pixels, scale) with image px = source px * scale.
-    Raises ImageError naming the problem (missing / truncated / undecodable)."""
+    alpha dropped, 16-bit scaled to 8)."""
     path = Path(path)
+    if root is not None and not resolves_inside(path, root):
+        raise ImageError("path outside root", f"{path} resolves outside {root} (--allow-outside-root reads it)")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise ImageError("missing image", str(path)) from None
     except OSError as e:
-        raise ImageError("unreadable image", f"{path} ({e.strerror})") from None
+        raise ImageError("unreadable image", f"{path} ({e.strerror or e})") from None
+    except ValueError as e:  # a NUL byte or an unencodable character in the name
+        raise ImageError("unreadable image", f"{path!r} ({e})") from None
+    if not data:
+        raise ImageError("empty image", str(path))
+    try:
+        size = image_size(data)
+    except HeaderTooLarge as e:
+        if max_pixels and (e.pixels == 0 or e.pixels > max_pixels):
+            raise ImageError("image too large", f"{path}: {e.pixels} pixels, more than --max-pixels {max_pixels}") from None
+        size = None
+    if size is not None and max_pixels and size[0] * size[1] > max_pixels:
+        raise ImageError("image too large", f"{path}: {size[0]}x{size[1]} pixels, more than --max-pixels {max_pixels}")
+    if callable(reduce):
+        reduce = reduce(*size) if size is not None and data[:2] == b"\xff\xd8" else 1
     if _looks_truncated(data):
         raise ImageError("truncated image", str(path))
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[(channels, reduce)])
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[(channels, reduce)])
+    except cv2.error:
+        img = None
     if img is None or img.size == 0:
         raise ImageError("undecodable image", str(path))
+    if size is None and max_pixels and img.shape[0] * img.shape[1] * reduce * reduce > max_pixels:
+        raise ImageError("image too large", f"{path}: {img.shape[1]}x{img.shape[0]} pixels decoded, "
+                                            f"more than --max-pixels {max_pixels}")
     if channels == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return img, 1.0 / reduce
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)  # in place: no second full-size copy
+    width, height = size if size is not None else (img.shape[1] * reduce, img.shape[0] * reduce)
+    return Decoded(img, 1.0 / reduce, width, height)
+
+
+def decode_image(path: str | Path, channels: int = 3, reduce=1, *, max_pixels: int = 0,
+                 root: str | Path | None = None) -> tuple[np.ndarray, float]:
+    """(pixels, scale) of `read_image` (image px = source px * scale); raises ImageError naming the problem."""
+    d = read_image(path, channels, reduce, max_pixels=max_pixels, root=root)
+    return d.pixels, d.scale
 
 
 def to_channels(img: np.ndarray, channels: int) -> np.ndarray:

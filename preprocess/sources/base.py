@@ -15,6 +15,11 @@ A source does three cheap things up front and one expensive thing per work item:
    its samples (an object-unit COCO image yields one sample per object; a CIFAR record yields
    one). Samples + skip counts should add up to `item.expected`. Raise nothing for bad data:
    yield `Skip(item.id, reason, detail, count)` instead (`geometry.ImageError` carries a reason).
+   Read image files with `self.read_image(path, root)`: it applies --max-pixels and, unless
+   --allow-outside-root, refuses paths that resolve outside `root` (symlinks included).
+   A path built from annotation data (a file name in a JSON/XML/text file) is first checked with
+   `path_problem(name)` while planning, so `../../x` or `/etc/passwd` is a counted skip ("path
+   outside root") and is never opened, not even stat'ed for the fingerprint.
 
 The shared pipeline (`preprocess/pipeline.py`) then crops with `RawSample.window`, resizes, renders
 saliency (`--saliency mask|box|foreground|none`) and encodes. A source never resizes or blurs.
@@ -30,14 +35,42 @@ Registering a source: one module under `preprocess/sources/` + one line in `sour
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from preprocess.geometry import Decoded, read_image
+
+PATH_OUTSIDE_ROOT = "path outside root"
+INVALID_FILE_NAME = "invalid file name"
+
 
 class SourceError(Exception):
     """Inputs that cannot be built at all; the message names the file and the problem."""
+
+
+def path_problem(name: object, allow_outside_root: bool = False) -> str | None:
+    """Why a file name taken from annotation data cannot be joined below its folder, or None.
+
+    Lexical only (no file-system access, so nothing outside is touched): not a non-empty string,
+    a NUL byte or a character the file system cannot encode -> INVALID_FILE_NAME; an absolute
+    path or one whose '..' climbs out -> PATH_OUTSIDE_ROOT (unless allowed). Symlinks are
+    checked when the file is read (`Source.read_image`)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        return INVALID_FILE_NAME
+    try:
+        os.fsencode(name)
+    except UnicodeError:
+        return INVALID_FILE_NAME
+    if allow_outside_root:
+        return None
+    norm = os.path.normpath(name)
+    if os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
+        return PATH_OUTSIDE_ROOT
+    return None
 
 
 @dataclass(frozen=True)
@@ -152,6 +185,17 @@ class Source:
         if not self._classes:
             raise SourceError(f"source {self.name!r} does not list its classes")
         return list(self._classes)
+
+    def read_image(self, path: str | Path, root: str | Path, reduce=1) -> Decoded:
+        """Decode one image file of this source (see `geometry.read_image`): --max-pixels applies,
+        and `path` must resolve inside `root` unless --allow-outside-root. Raises ImageError."""
+        cfg = self.cfg
+        return read_image(path, self.channels, reduce, max_pixels=cfg.max_pixels,
+                          root=None if cfg.allow_outside_root else root)
+
+    def path_problem(self, name: object) -> str | None:
+        """`path_problem` with this build's --allow-outside-root."""
+        return path_problem(name, self.cfg.allow_outside_root)
 
     def fingerprint(self) -> dict:
         raise SourceError(f"source {self.name!r} has no input fingerprint")

@@ -60,16 +60,21 @@ def load_pickle(path: str | Path) -> dict:
             obj = _SafeUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
         raise CifarFormatError(f"{path}: missing") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, OSError) as e:
-        raise CifarFormatError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
+    except IsADirectoryError:
+        raise CifarFormatError(f"{path}: a folder, not a batch file") from None
+    except (Exception, RecursionError) as e:  # noqa: BLE001 - garbage makes the unpickler raise almost anything
+        raise CifarFormatError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(obj, dict):
         raise CifarFormatError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     # files written by Python 3 pickle have str keys; the originals have bytes keys
     return {(k.encode() if isinstance(k, str) else k): v for k, v in obj.items()}
 
 
-def _names(values) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+def _names(values, path: Path, key: str) -> list[str]:
+    """A list of names (bytes as written by Python 2, or str)."""
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, (bytes, str)) for v in values):
+        raise CifarFormatError(f"{path}: {key!r} is not a list of names")
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values]
 
 
 def read_batch(path: str | Path, label_key: bytes = b"labels") -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -82,10 +87,22 @@ def read_batch(path: str | Path, label_key: bytes = b"labels") -> tuple[np.ndarr
     data = np.asarray(d[b"data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * CIFAR_SIDE * CIFAR_SIDE:
         raise CifarFormatError(f"{path}: 'data' is {data.dtype} {data.shape}, expected N x 3072 uint8")
-    labels = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+    labels = d[label_key]
+    if not isinstance(labels, (list, tuple, np.ndarray)) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        raise CifarFormatError(f"{path}: {label_key.decode()!r} is not a list of integer labels")
+    try:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except OverflowError:
+        raise CifarFormatError(f"{path}: {label_key.decode()!r} holds a label too large for int64") from None
     if len(labels) != len(data):
         raise CifarFormatError(f"{path}: {len(labels)} labels for {len(data)} images")
-    names = _names(d.get(b"filenames", [])) or [f"{path.name}_{i}" for i in range(len(data))]
+    try:
+        names = _names(d.get(b"filenames", []), path, "filenames")
+    except CifarFormatError:
+        names = []
+    if len(names) != len(data):  # absent, malformed or not one per image: only metadata, name by position
+        names = [f"{path.name}_{i}" for i in range(len(data))]
     # planar RGB rows -> HWC images (a view transpose; the copy happens per image when encoded)
     images = data.reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE).transpose(0, 2, 3, 1)
     return images, labels, names
@@ -109,7 +126,7 @@ def cifar_classes(root: Path, variant: str, label_type: str = "fine") -> list[st
     key = b"label_names" if variant == "cifar10" else f"{label_type}_label_names".encode()
     if key not in meta:
         raise CifarFormatError(f"{meta_path}: no {key.decode()!r} entry")
-    return _names(meta[key])
+    return _names(meta[key], meta_path, key.decode())
 
 
 def batch_files(root: Path, variant: str, split: str) -> list[Path]:

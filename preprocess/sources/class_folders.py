@@ -3,6 +3,9 @@
     <root>/<split>/<class>/<any>/<depth>/<image>     with split folders (train/, val/, test/)
     <root>/<class>/<image>                           without: <root> is the split asked for
 
+Image files (symlinks followed) must lie inside <root>: a link leading out is skipped as "path
+outside root" unless --allow-outside-root (a folder of links into a shared image pool needs it).
+
 Classes are the sorted union of class-folder names over every split folder present, so a class
 missing from one split does not shift the indices of the others (train and test must agree).
 """
@@ -13,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from preprocess.geometry import ImageError, decode_image
+from preprocess.geometry import ImageError, reduce_if_large
 from preprocess.sources.base import RawSample, Skip, Source, SourceError, WorkItem
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -85,7 +88,7 @@ def files_digest(paths, root: Path) -> str:
     for p in paths:
         p = Path(p)
         size = p.stat().st_size if p.is_file() else -1
-        h.update(f"{os.path.relpath(p, root)}\t{size}\n".encode())
+        h.update(f"{os.path.relpath(p, root)}\t{size}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -146,10 +149,10 @@ class ClassFolderSource(Source):
 
     def load(self, item: WorkItem):
         rel, label = item.data
-        try:
-            img, _ = decode_image(self.folder / rel, self.channels)
+        try:  # a symlink that leads out of --root is skipped unless --allow-outside-root
+            d = self.read_image(self.folder / rel, self.root, reduce_if_large(self.cfg.size))
         except ImageError as e:
             yield Skip(item.id, e.reason, e.detail)
             return
         # the key keeps the extension: a.jpg and a.png in one folder are two samples
-        yield RawSample(key=rel, image=img, label=label, meta={"source_id": rel})
+        yield RawSample(key=rel, image=d.pixels, label=label, scale=d.scale, meta={"source_id": rel})

@@ -9,8 +9,13 @@ label = category of the largest object, saliency = union of all objects (crowd r
 Category ids map to contiguous indices in id order; names are kept.
 
 Annotation problems are recorded skips (unknown image/category ids, NaN or empty boxes, boxes
-wholly outside the image, polygons with < 3 points); image problems (missing, truncated,
-undecodable) skip that image's samples at load time.
+wholly outside the image, polygons with < 3 points, an odd coordinate count or non-finite
+coordinates, a segmentation of the wrong type, fields of the wrong type); an image record with a
+bad size or file name skips its annotations, and a `file_name` that leaves the image folder
+(absolute, `..`) is skipped as "path outside root" without being opened. Image problems (missing,
+empty, truncated, undecodable, larger than --max-pixels) skip that image's samples at load time.
+A category table that cannot be read (ids missing, repeated, of mixed or wrong types) stops the
+build: labels would be meaningless.
 """
 from __future__ import annotations
 
@@ -25,28 +30,63 @@ import orjson
 
 from shards.format import sha256_file
 
-from preprocess.geometry import ImageError, clip_box, decode_image, reduction_for, square_window
+from preprocess.geometry import ImageError, clip_box, reduction_for, square_window
 from preprocess.sources.base import RawSample, Shape, Skip, Source, SourceError, WorkItem
 
 
-def _valid_rings(segmentation: list) -> tuple[list, int]:
-    """Keep polygon rings with >= 3 finite points (an even count of numbers); count the rest.
+def _valid_rings(segmentation: list) -> tuple[list, str | None]:
+    """Keep polygon rings with >= 3 finite points (an even count of numbers); for the others, the
+    reason of the first one (None when every ring is good).
 
     Plain Python on purpose: this runs in the main process for every annotation before any worker
     starts (numpy per ring cost 0.17 s of serial time on 20k objects; this is ~5x cheaper). A ring's
     sum is finite only when every coordinate is a finite number (NaN and inf propagate; a string or
     a nested list raises). Rings stay lists: the worker converts them once, in parallel."""
-    good, bad = [], 0
+    good, bad = [], None
+    isfinite = math.isfinite
     for ring in segmentation:
         try:
-            ok = len(ring) >= 6 and len(ring) % 2 == 0 and math.isfinite(sum(ring))
-        except TypeError:
+            ok = type(ring) is list and len(ring) >= 6 and len(ring) % 2 == 0 and isfinite(sum(ring)) \
+                and not any(type(v) is bool for v in ring)
+        except (TypeError, OverflowError):  # not numbers / an integer too large for a float
             ok = False
-        if ok and not isinstance(ring, (str, bytes)):
+        if ok:
             good.append(ring)
-        else:
-            bad += 1
+        elif bad is None:
+            bad = _ring_problem(ring)
     return good, bad
+
+
+def _ring_problem(ring) -> str:
+    """The skip reason for a ring `_valid_rings` refused (the slow path: only bad rings get here)."""
+    if type(ring) is not list or any(type(v) not in (int, float) for v in ring):
+        return "bad segmentation"
+    if len(ring) % 2:
+        return "odd coordinate count"
+    try:
+        finite = all(math.isfinite(float(v)) for v in ring)
+    except OverflowError:
+        finite = False
+    if not finite:
+        return "non-finite coordinates"
+    return "polygon with fewer than 3 points"
+
+
+def _is_id(value) -> bool:
+    """COCO ids are integers; strings are accepted too (some exporters write them). Never bool,
+    float, list or dict (a list or dict id would not even be hashable)."""
+    return type(value) is int or type(value) is str
+
+
+def _number(value) -> float | None:
+    """A finite JSON number as float, else None (strings, bools, lists, NaN, inf, huge integers)."""
+    if type(value) not in (int, float):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 class CocoSource(Source):
@@ -69,10 +109,18 @@ class CocoSource(Source):
             raise SourceError(f"{self.image_dir}: image folder not found")
         # the parsed JSON is kept out of pickles (not_pickled): workers need only the items
         self._doc = self._read(self.ann_path)
-        cats = sorted(self._doc["categories"], key=lambda c: c["id"])
+        cats = self._doc["categories"]
+        for n, c in enumerate(cats):
+            if not _is_id(c["id"]):
+                raise SourceError(f"{self.ann_path}: categories[{n}]: id {c['id']!r} is not an integer")
+        if len({type(c["id"]) for c in cats}) > 1:
+            a = next(c["id"] for c in cats if type(c["id"]) is int)
+            b = next(c["id"] for c in cats if type(c["id"]) is str)
+            raise SourceError(f"{self.ann_path}: categories: ids mix numbers and strings ({a!r} and {b!r})")
+        cats = sorted(cats, key=lambda c: c["id"])
         self.cat_index = {c["id"]: i for i, c in enumerate(cats)}
         if len(self.cat_index) != len(cats):
-            raise SourceError(f"{self.ann_path}: duplicate category ids")
+            raise SourceError(f"{self.ann_path}: categories: duplicate ids")
         self._classes = [str(c.get("name", c["id"])) for c in cats]
 
     @staticmethod
@@ -93,54 +141,74 @@ class CocoSource(Source):
         for key in ("images", "annotations", "categories"):
             if not isinstance(doc.get(key), list):
                 raise SourceError(f"{path}: not a COCO annotation file (no {key!r} list)")
-        for c in doc["categories"]:
+        for n, c in enumerate(doc["categories"]):
             if not isinstance(c, dict) or "id" not in c:
-                raise SourceError(f"{path}: a category without an id")
+                raise SourceError(f"{path}: categories[{n}]: a category without an id")
         return doc
 
     def _images(self) -> dict:
+        """id -> image record, for records with a usable id (the last record of a repeated id wins)."""
         out = {}
         for im in self._doc["images"]:
-            if isinstance(im, dict) and "id" in im and im.get("file_name"):
+            if isinstance(im, dict) and _is_id(im.get("id")):
                 out[im["id"]] = im
         return out
 
+    def _image_problem(self, im: dict) -> str | None:
+        """Why an image record cannot be used (the skip reason for each of its annotations), or None."""
+        for key in ("width", "height"):
+            v = im.get(key)
+            if v is None or v == 0:
+                return "image without size"
+            v = _number(v)
+            if v is None:
+                return "invalid image size"
+            if v <= 0:
+                return "image without size"
+        return self.path_problem(im.get("file_name"))
+
     def fingerprint(self) -> dict:
-        # names + sizes of every referenced image: cheap (stat only) and catches replaced files
+        # names + sizes of every usable image: cheap (stat only) and catches replaced files; names
+        # that leave the image folder are never stat'ed (they are skipped, not read)
         h = hashlib.sha256()
-        for im in sorted(self._images().values(), key=lambda im: str(im["file_name"])):
-            p = self.image_dir / str(im["file_name"])
+        names = [im["file_name"] for im in self._images().values()
+                 if im.get("file_name") and self.path_problem(im["file_name"]) is None]
+        for name in sorted(names):
+            p = self.image_dir / name
             size = p.stat().st_size if p.is_file() else -1
-            h.update(f"{im['file_name']}\t{size}\n".encode())
+            h.update(f"{name}\t{size}\n".encode("utf-8", "surrogateescape"))
         return {"annotations": self.ann_path.name, "annotations_sha256": sha256_file(self.ann_path),
                 "images": len(self._doc["images"]), "image_list_sha256": h.hexdigest()}
 
     # ------------------------------------------------------------------ planning
 
     def _object(self, ann: dict, im: dict) -> Shape | str:
-        """A Shape for one annotation, or the reason it cannot be one."""
-        w, h = float(im.get("width") or 0), float(im.get("height") or 0)
-        if w <= 0 or h <= 0:
-            return "image without size"
+        """A Shape for one annotation of a usable image record, or the reason it cannot be one."""
+        w, h = float(im["width"]), float(im["height"])
         seg = ann.get("segmentation")
         polygons = rle = None
         if isinstance(seg, list):
             polygons, bad = _valid_rings(seg)
             if not polygons and bad:
-                return "polygon with fewer than 3 points"
+                return bad
             polygons = polygons or None
         elif isinstance(seg, dict):
             size = seg.get("size")
-            if not (isinstance(size, list) and len(size) == 2 and "counts" in seg):
+            if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int for v in size)
+                    and type(seg.get("counts")) in (str, list)):
                 return "malformed RLE"
-            if (int(size[0]), int(size[1])) != (int(h), int(w)):
+            if (size[0], size[1]) != (int(h), int(w)):
                 return "RLE size differs from image size"
             rle = seg
+        elif seg is not None:  # a number, a string...: not a COCO segmentation (never a silent box)
+            return "bad segmentation"
         bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(type(v) in (int, float) for v in bbox)):
+            return "invalid box"
         try:
             x, y, bw, bh = map(float, bbox)
-        except (TypeError, ValueError):
-            return "invalid box"
+        except OverflowError:  # an integer too large for a float
+            return "NaN or infinite box"
         isfinite = math.isfinite
         if not (isfinite(x) and isfinite(y) and isfinite(bw) and isfinite(bh)):
             return "NaN or infinite box"
@@ -155,36 +223,56 @@ class CocoSource(Source):
 
     def items(self) -> tuple[list[WorkItem], list[Skip]]:
         images = self._images()
+        problems: dict = {}  # image id -> reason its record is unusable (None: usable), checked once
         skips: list[Skip] = []
         per_image: dict = {}
         for ann in self._doc["annotations"]:
             if not isinstance(ann, dict):
                 skips.append(Skip("?", "malformed annotation"))
                 continue
+            ann_id = ann.get("id", len(per_image))
             aid = f"ann{ann.get('id', '?')}"
-            if ann.get("image_id") not in images:
-                skips.append(Skip(aid, "unknown image id", str(ann.get("image_id"))))
+            image_id, category_id = ann.get("image_id"), ann.get("category_id")
+            if not _is_id(ann_id):
+                skips.append(Skip(aid, "invalid annotation id", repr(ann_id)[:100]))
                 continue
-            if ann.get("category_id") not in self.cat_index:
-                skips.append(Skip(aid, "unknown category id", str(ann.get("category_id"))))
+            if not _is_id(image_id) or image_id not in images:
+                skips.append(Skip(aid, "unknown image id", repr(image_id)[:100]))
                 continue
-            crowd = bool(ann.get("iscrowd", 0))
+            if not _is_id(category_id) or category_id not in self.cat_index:
+                skips.append(Skip(aid, "unknown category id", repr(category_id)[:100]))
+                continue
+            crowd = ann.get("iscrowd", 0)
+            if type(crowd) not in (int, bool) or crowd not in (0, 1):
+                skips.append(Skip(aid, "invalid iscrowd", repr(crowd)[:100]))
+                continue
+            crowd = bool(crowd)
             if crowd and self.cfg.unit == "object":
                 skips.append(Skip(aid, "crowd annotation"))
                 continue
-            shape = self._object(ann, images[ann["image_id"]])
+            im = images[image_id]
+            if image_id not in problems:
+                problems[image_id] = self._image_problem(im)
+            if problems[image_id] is not None:
+                skips.append(Skip(aid, problems[image_id], f"{self.ann_path}: image {image_id!r}"))
+                continue
+            shape = self._object(ann, im)
             if isinstance(shape, str):
                 skips.append(Skip(aid, shape))
                 continue
             area = ann.get("area")
-            area = float(area) if isinstance(area, (int, float)) and math.isfinite(area) else \
-                (shape.box[2] - shape.box[0]) * (shape.box[3] - shape.box[1])
-            per_image.setdefault(ann["image_id"], []).append(
-                (str(ann.get("id", len(per_image))), self.cat_index[ann["category_id"]], shape, crowd, area))
+            if area is not None:
+                area = _number(area)
+                if area is None or area < 0:
+                    skips.append(Skip(aid, "invalid area", repr(ann.get("area"))[:100]))
+                    continue
+            else:
+                area = (shape.box[2] - shape.box[0]) * (shape.box[3] - shape.box[1])
+            per_image.setdefault(image_id, []).append((str(ann_id), self.cat_index[category_id], shape, crowd, area))
         items = []
         for image_id in sorted(per_image, key=str):
             im, objs = images[image_id], per_image[image_id]
-            data = (str(im["file_name"]), int(im["width"]), int(im["height"]), objs)
+            data = (im["file_name"], int(im["width"]), int(im["height"]), objs)
             if self.cfg.unit == "object":
                 items.append(WorkItem(f"img{image_id}", len(objs), data))
             elif any(not crowd for _, _, _, crowd, _ in objs):
@@ -205,10 +293,11 @@ class CocoSource(Source):
         else:
             reduce = reduction_for(max(w, h), size)
         try:
-            img, scale = decode_image(path, self.channels, reduce)
+            decoded = self.read_image(path, self.image_dir, reduce)
         except ImageError as e:
             yield Skip(item.id, e.reason, e.detail, item.expected)
             return
+        img, scale = decoded.pixels, decoded.scale
         if abs(img.shape[1] - w * scale) > 1 or abs(img.shape[0] - h * scale) > 1:
             yield Skip(item.id, "image size differs from annotation",
                        f"{path}: {img.shape[1] / scale:.0f}x{img.shape[0] / scale:.0f}, json says {w}x{h}",

@@ -14,6 +14,8 @@ is far faster than decoding records one by one.
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,19 +72,35 @@ def read_idx(path: str | Path, limit: int | None = None) -> np.ndarray:
     if not dims:
         raise IdxFormatError(f"{path}: IDX file with zero dimensions")
     n = dims[0] if limit is None else min(dims[0], max(0, int(limit)))
-    record = int(np.prod(dims[1:], dtype=np.int64)) * dtype.itemsize
+    record = math.prod(dims[1:]) * dtype.itemsize  # Python ints: a crafted header cannot overflow
     want = n * record
+    if path.suffix != ".gz" and header + want > path.stat().st_size:
+        raise IdxFormatError(f"{path}: truncated: header promises {dims[0]} records of {record} bytes, "
+                             f"file holds {(path.stat().st_size - header) // max(record, 1)}")
     try:
         with _open(path) as f:
             f.seek(header)  # gzip emulates a forward seek by decompressing
-            data = f.read(want)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+            data = _read_up_to(f, want)
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         # a gzip stream cut short raises EOFError here ("Compressed file ended before the end-of-stream")
         raise IdxFormatError(f"{path}: truncated or corrupt ({e})") from None
     if len(data) < want:
         raise IdxFormatError(f"{path}: truncated: header promises {dims[0]} records of {record} bytes, "
                              f"file holds {len(data) // max(record, 1)}")
     return np.frombuffer(data, dtype=dtype).reshape((n,) + dims[1:]).astype(dtype.newbyteorder("="), copy=False)
+
+
+def _read_up_to(f, want: int, chunk: int = 1 << 26) -> bytes:
+    """Up to `want` bytes, read in chunks: a header promising terabytes allocates only what the
+    file really holds (one `read(want)` would reserve `want` bytes first)."""
+    parts, got = [], 0
+    while got < want:
+        part = f.read(min(chunk, want - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def find_idx_pair(root: str | Path, split: str) -> tuple[Path, Path]:
@@ -158,11 +176,15 @@ class FashionMnistSource(Source):
         try:
             self.paths = find_idx_pair(self.root, "train" if cfg.split == "val" else cfg.split)
             dtype, dims, _ = read_idx_header(self.paths[0])
-            _, ldims, _ = read_idx_header(self.paths[1])
+            ldtype, ldims, _ = read_idx_header(self.paths[1])
         except IdxFormatError as e:
             raise SourceError(str(e)) from None
-        if len(dims) != 3 or dtype != np.uint8:
+        if len(dims) != 3 or dtype != np.uint8 or 0 in dims[1:]:
             raise SourceError(f"{self.paths[0]}: expected an N x H x W ubyte image file, got {dtype} {dims}")
+        if dims[1] * dims[2] > cfg.max_pixels:
+            raise SourceError(f"{self.paths[0]}: records of {dims[2]}x{dims[1]} pixels, more than --max-pixels {cfg.max_pixels}")
+        if ldtype.kind not in "iu":
+            raise SourceError(f"{self.paths[1]}: labels must be integers, the header says {ldtype}")
         if len(ldims) != 1 or ldims[0] != dims[0]:
             raise SourceError(f"{self.paths[1]}: {ldims[0] if ldims else 0} labels for {dims[0]} images in {self.paths[0].name}")
         # records [start, stop) of the files form this split; --limit keeps the first N of them

@@ -24,8 +24,8 @@ import numpy as np
 
 from shards.format import sha256_file
 
-from preprocess.geometry import ImageError, decode_image
-from preprocess.sources.base import RawSample, Shape, Skip, Source, SourceError, WorkItem
+from preprocess.geometry import ImageError, resolves_inside
+from preprocess.sources.base import PATH_OUTSIDE_ROOT, RawSample, Shape, Skip, Source, SourceError, WorkItem
 from preprocess.sources.class_folders import IMAGE_EXTS, files_digest, skips_from
 from preprocess.sources.masks import MASK_KINDS, MaskError, load_mask, mask_bbox
 
@@ -52,6 +52,8 @@ class MaskFolderSplit:
     classes: list[str]
     skipped: dict[str, list[str]] = field(default_factory=dict)
     inputs: list[Path] = field(default_factory=list)  # list files read (for the fingerprint)
+    image_dir: Path | None = None  # files (symlinks followed) must lie inside these folders
+    mask_dir: Path | None = None
 
 
 def _pick_dir(root: Path, given: str, defaults: tuple[str, ...], what: str) -> Path:
@@ -80,7 +82,11 @@ def read_list_file(path: Path) -> list[list[str]]:
     """Rows of a CSV (if it has commas) or whitespace-separated list; comments and blanks dropped."""
     if not path.is_file():
         raise MaskFolderLayoutError(f"{path}: missing list file")
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    try:  # bytes that are not UTF-8 kept as the file system keeps them in names
+        text = path.read_text(errors="surrogateescape")
+    except OSError as e:
+        raise MaskFolderLayoutError(f"{path}: cannot read ({e.strerror or e})") from None
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if lines and "," in lines[0]:
         return [[c.strip() for c in row] for row in csv.reader(lines)]
     return [ln.split() for ln in lines]
@@ -180,7 +186,7 @@ def scan_mask_folders(root: str | Path, split: str, *, images: str = "", masks: 
             skipped.setdefault("label out of range", []).append(str(img))
             continue
         records.append(MaskRecord(stem, img, msk, label))
-    return MaskFolderSplit(records, names, skipped, inputs)
+    return MaskFolderSplit(records, names, skipped, inputs, base_img_dir, mask_dir)
 
 
 # ----------------------------------------------------------------------------- the Source
@@ -235,6 +241,7 @@ class MaskFolderSource(Source):
             reasons = ", ".join(f"{len(v)} {k}" for k, v in sorted(self._split.skipped.items())) or "no files"
             raise SourceError(f"{self.root}: no image with a mask and a label in split {cfg.split!r} ({reasons})")
         self._classes = self._split.classes
+        self.image_dir, self.mask_dir = self._split.image_dir, self._split.mask_dir  # (_split is not pickled)
 
     def fingerprint(self) -> dict:
         recs = self._split.records
@@ -248,14 +255,17 @@ class MaskFolderSource(Source):
 
     def load(self, item: WorkItem):
         image_path, mask_path, label = item.data
+        cfg = self.cfg
         try:
-            img, _ = decode_image(image_path, self.channels)
-            target, warning = load_mask(mask_path, self.options.mask_kind, img.shape[:2])
+            img = self.read_image(image_path, self.image_dir).pixels
+            if not (cfg.allow_outside_root or resolves_inside(mask_path, self.mask_dir)):
+                raise ImageError(PATH_OUTSIDE_ROOT, f"{mask_path} resolves outside {self.mask_dir}")
+            target, warning = load_mask(mask_path, self.options.mask_kind, img.shape[:2], cfg.max_pixels)
         except ImageError as e:
             yield Skip(item.id, e.reason, e.detail)
             return
         except MaskError as e:
-            yield Skip(item.id, "unreadable mask", str(e))
+            yield Skip(item.id, e.reason, str(e))
             return
         if not (target > 0).any():  # nothing salient: neither a mask nor a box map would mean anything
             yield Skip(item.id, "mask without foreground", mask_path)

@@ -24,24 +24,43 @@ VOID_INDEX = 255
 
 
 class MaskError(ValueError):
-    """A mask file cannot be read or mapped; the message names the file."""
+    """A mask file cannot be read or mapped; the message names the file, `reason` is the skip reason."""
+
+    def __init__(self, msg: str, reason: str = "unreadable mask"):
+        super().__init__(msg)
+        self.reason = reason
 
 
-def read_mask_values(path: str | Path) -> tuple[np.ndarray, bool]:
-    """(H x W integer array of the stored values, whether the PNG is palette-indexed)."""
+def read_mask_values(path: str | Path, max_pixels: int = 0) -> tuple[np.ndarray, bool]:
+    """(H x W integer array of the stored values, whether the PNG is palette-indexed).
+
+    With `max_pixels`, a mask whose header declares more pixels is refused before it is decoded."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # --max-pixels decides
+            im = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise MaskError(f"{path}: too large ({e})", "mask too large") from None
+    except FileNotFoundError:
+        raise MaskError(f"{path}: missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise MaskError(f"{path}: not a readable mask image ({e})") from None
+    try:
+        with im:
+            if max_pixels and im.size[0] * im.size[1] > max_pixels:
+                raise MaskError(f"{path}: {im.size[0]}x{im.size[1]} pixels, more than --max-pixels {max_pixels}",
+                                "mask too large")
             im.load()
             palette = im.mode == "P"
             if im.mode in ("P", "L", "I", "I;16", "1"):
                 arr = np.asarray(im if im.mode != "1" else im.convert("L"))
             else:  # an RGB(A) mask: any non-black pixel is foreground
                 arr = (np.asarray(im.convert("L")) > 0).astype(np.uint8) * 255
-    except FileNotFoundError:
-        raise MaskError(f"{path}: missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise MaskError(f"{path}: not a readable mask image ({e})") from None
     return np.asarray(arr).astype(np.int32, copy=False), palette
@@ -78,13 +97,14 @@ def map_mask(values: np.ndarray, kind: str) -> np.ndarray:
     return out
 
 
-def load_mask(path: str | Path, kind: str = "auto", shape: tuple[int, int] | None = None) -> tuple[np.ndarray, str | None]:
+def load_mask(path: str | Path, kind: str = "auto", shape: tuple[int, int] | None = None,
+              max_pixels: int = 0) -> tuple[np.ndarray, str | None]:
     """(target map in {-1, 0, 1}, warning or None). With `shape` = (H, W) of the image, a mask
     of another size is resized with nearest neighbour (keeps the three levels) and a warning
     naming both sizes is returned for the build's log and manifest."""
     import cv2
 
-    values, palette = read_mask_values(path)
+    values, palette = read_mask_values(path, max_pixels)
     target = map_mask(values, detect_kind(values, palette) if kind == "auto" else kind)
     warning = None
     if shape is not None and target.shape != tuple(shape):

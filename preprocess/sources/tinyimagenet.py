@@ -10,6 +10,8 @@
 
 Box corners are inclusive pixel coordinates of the 64x64 image (0 0 63 63 = the whole image), so
 width = x1 - x0 + 1. Boxes are returned as [x, y, w, h] floats, the COCO convention used elsewhere.
+A val file name that leaves val/images/ ("../x", "/abs") is skipped as "path outside root"; a
+wnid that is not a plain folder name stops the build (the class table is broken).
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from pathlib import Path
 
 from shards.format import sha256_file
 
-from preprocess.geometry import ImageError, clip_box, decode_image, square_window
-from preprocess.sources.base import RawSample, Shape, Skip, Source, SourceError, WorkItem
+from preprocess.geometry import ImageError, clip_box, square_window
+from preprocess.sources.base import RawSample, Shape, Skip, Source, SourceError, WorkItem, path_problem
 from preprocess.sources.class_folders import files_digest, skips_from
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
@@ -54,12 +56,24 @@ def read_wnids(root: Path) -> list[str]:
     path = root / "wnids.txt"
     if not path.is_file():
         raise TinyImageNetLayoutError(f"{path}: missing (not a Tiny ImageNet folder?)")
-    wnids = [w.strip() for w in path.read_text().splitlines() if w.strip()]
+    wnids = [w.strip() for w in _read_lines(path) if w.strip()]
     if not wnids:
         raise TinyImageNetLayoutError(f"{path}: empty")
     if len(set(wnids)) != len(wnids):
         raise TinyImageNetLayoutError(f"{path}: repeated wnids")
+    for n, w in enumerate(wnids, 1):  # each is a folder name under train/: never a path
+        if "/" in w or w in (".", "..") or path_problem(w) is not None:
+            raise TinyImageNetLayoutError(f"{path}: wnid {n} ({w!r}) is not a plain folder name")
     return wnids
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Lines of an annotation text file. Bytes that are not UTF-8 are kept as the file system keeps
+    them in names (surrogateescape), so a listed name still matches its file."""
+    try:
+        return path.read_text(errors="surrogateescape").splitlines()
+    except OSError as e:
+        raise TinyImageNetLayoutError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def read_words(root: Path, wnids: list[str]) -> list[str]:
@@ -97,7 +111,7 @@ def _train_records(root: Path, wnids: list[str], skipped: dict, inputs: list) ->
             raise TinyImageNetLayoutError(f"{boxes_path}: missing boxes file")
         inputs.append(boxes_path)
         boxes = {}
-        for n, line in enumerate(boxes_path.read_text().splitlines(), 1):
+        for n, line in enumerate(_read_lines(boxes_path), 1):
             f = line.split()
             if not f:
                 continue
@@ -119,7 +133,8 @@ def _train_records(root: Path, wnids: list[str], skipped: dict, inputs: list) ->
     return records
 
 
-def _val_records(root: Path, wnids: list[str], skipped: dict, inputs: list) -> list[TinyRecord]:
+def _val_records(root: Path, wnids: list[str], skipped: dict, inputs: list,
+                 allow_outside_root: bool = False) -> list[TinyRecord]:
     ann = root / "val" / "val_annotations.txt"
     if not ann.is_file():
         raise TinyImageNetLayoutError(f"{ann}: missing (val labels and boxes live there)")
@@ -127,7 +142,7 @@ def _val_records(root: Path, wnids: list[str], skipped: dict, inputs: list) -> l
     index = {w: i for i, w in enumerate(wnids)}
     by_file: dict[str, TinyRecord] = {}
     img_dir = root / "val" / "images"
-    for n, line in enumerate(ann.read_text().splitlines(), 1):
+    for n, line in enumerate(_read_lines(ann), 1):
         f = line.split()
         if not f:
             continue
@@ -137,6 +152,10 @@ def _val_records(root: Path, wnids: list[str], skipped: dict, inputs: list) -> l
             continue
         if f[1] not in index:
             skipped.setdefault("label not in wnids.txt", []).append(where)
+            continue
+        problem = path_problem(f[0], allow_outside_root)
+        if problem:  # never joined below val/images, never opened
+            skipped.setdefault(problem, []).append(f"{where}: {f[0]!r}")
             continue
         box = _parse_box(f[2:], where, skipped)
         rec = by_file.setdefault(f[0], TinyRecord(img_dir / f[0], index[f[1]], f[1]))
@@ -161,7 +180,7 @@ def _val_records(root: Path, wnids: list[str], skipped: dict, inputs: list) -> l
     return records
 
 
-def scan_tinyimagenet(root: str | Path, split: str) -> TinySplit:
+def scan_tinyimagenet(root: str | Path, split: str, allow_outside_root: bool = False) -> TinySplit:
     """Parse the layout of one split; fatal layout problems raise TinyImageNetLayoutError."""
     root = Path(root)
     if not root.is_dir():
@@ -177,7 +196,7 @@ def scan_tinyimagenet(root: str | Path, split: str) -> TinySplit:
     if split == "train":
         records = _train_records(root, wnids, skipped, inputs)
     else:
-        records = _val_records(root, wnids, skipped, inputs)
+        records = _val_records(root, wnids, skipped, inputs, allow_outside_root)
     return TinySplit(records, read_words(root, wnids), wnids, skipped, inputs)
 
 
@@ -205,7 +224,7 @@ class TinyImageNetSource(Source):
             raise SourceError(f"{self.name}: --root DIR (the unpacked tiny-imagenet-200 folder) is required")
         self.root = Path(cfg.root)
         try:
-            self._split = scan_tinyimagenet(self.root, cfg.split)
+            self._split = scan_tinyimagenet(self.root, cfg.split, cfg.allow_outside_root)
         except TinyImageNetLayoutError as e:
             raise SourceError(str(e)) from None
         if not self._split.records:
@@ -232,7 +251,7 @@ class TinyImageNetSource(Source):
     def load(self, item: WorkItem):
         rel, label, wnid, boxes = item.data
         try:
-            img, _ = decode_image(self.root / rel, self.channels)
+            img = self.read_image(self.root / rel, self.root).pixels
         except ImageError as e:
             yield Skip(item.id, e.reason, e.detail, item.expected)
             return

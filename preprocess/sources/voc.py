@@ -9,11 +9,20 @@
 
 Both PNGs use 0 for background and 255 for the void border, which becomes "unknown" (soft 0).
 Box corners in the XML are 1-based inclusive pixels: x = xmin - 1, w = xmax - xmin + 1.
+
+Layouts annotation tools export, accepted too:
+    <root>/Annotations/*.xml + JPEGImages/, no ImageSets/     (CVAT, Roboflow... "Pascal VOC" exports)
+    <root>/**/<name>.xml beside <name>.jpg                     (labelImg: the XML next to its image)
+Without split lists, `--split all` builds every annotated image, and `--val-fraction F` makes
+splits train / val from a hash of each image id (stable when files are added). The image is the
+XML's <filename> in JPEGImages/ (or beside the XML); <path> (a path on the annotator's machine) is
+never read. A <filename> that leaves its folder is skipped as "path outside root".
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +32,9 @@ import numpy as np
 
 from shards.format import sha256_file
 
-from preprocess.geometry import ImageError, clip_box, decode_image, square_window
+from preprocess.geometry import ImageError, clip_box, reduce_if_large, resolves_inside, square_window
 from preprocess.sources.base import RawSample, Shape, Skip, Source, SourceError, WorkItem
-from preprocess.sources.class_folders import files_digest
+from preprocess.sources.class_folders import IMAGE_EXTS, files_digest
 from preprocess.sources.masks import VOID_INDEX, MaskError, read_mask_values
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -92,7 +101,8 @@ def parse_voc_xml(path: str | Path) -> VocImage:
 
 
 def find_voc_root(root: str | Path) -> Path:
-    """`root` itself or its single VOC<year> subfolder (as the tarballs unpack: VOCdevkit/VOC2012)."""
+    """`root` itself or its single VOC<year> subfolder (as the tarballs unpack: VOCdevkit/VOC2012);
+    `root` also when it holds .xml files beside images (labelImg's layout, no Annotations/)."""
     root = Path(root)
     if (root / "Annotations").is_dir():
         return root
@@ -102,8 +112,17 @@ def find_voc_root(root: str | Path) -> Path:
             return subs[0]
         if len(subs) > 1:
             raise VocLayoutError(f"{root}: several VOC folders ({', '.join(p.name for p in subs)}); pass one")
-        raise VocLayoutError(f"{root}: no Annotations/ folder (not a Pascal VOC folder?)")
+        if _flat_xmls(root):
+            return root
+        raise VocLayoutError(f"{root}: no Annotations/ folder and no .xml annotation files (not a Pascal VOC folder?)")
     raise VocLayoutError(f"{root}: no such folder")
+
+
+def _flat_xmls(root: Path) -> list[Path]:
+    """labelImg's layout: every .xml below root, sorted; hidden folders and a VOC tree's
+    Annotations/ folders left out (a folder that merely holds a VOCdevkit is not this layout)."""
+    return sorted(p for p in root.rglob("*.xml") if p.is_file() and not any(
+        part.startswith(".") or part == "Annotations" for part in p.relative_to(root).parts[:-1]))
 
 
 def read_split_ids(root: Path, split: str, segmentation: bool = False) -> tuple[list[str], Path]:
@@ -112,10 +131,66 @@ def read_split_ids(root: Path, split: str, segmentation: bool = False) -> tuple[
     if not path.is_file():
         have = sorted(p.stem for p in path.parent.glob("*.txt") if "_" not in p.stem) if path.parent.is_dir() else []
         raise VocLayoutError(f"{path}: missing (splits here: {', '.join(have) or 'none'})")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise VocLayoutError(f"{path}: cannot read ({e})") from None
+    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
     if not ids:
         raise VocLayoutError(f"{path}: empty split list")
     return ids, path
+
+
+def in_val_fraction(image_id: str, fraction: float) -> bool:
+    """Whether an image falls in the held-out `fraction` (a hash of its id: the same image always
+    lands on the same side, whatever else is in the folder)."""
+    digest = hashlib.sha256(image_id.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64 < fraction
+
+
+@dataclass
+class VocLayout:
+    root: Path
+    flat: bool  # labelImg: each XML beside its image, no Annotations/ / JPEGImages/
+    entries: list[tuple[str, Path]]  # (image id, annotation XML) of the split, in order
+    list_path: Path | None  # the ImageSets list read (None: every XML, or a --val-fraction split)
+    split_rule: str  # "list", "all" or "val-fraction F"
+
+
+def voc_layout(root: str | Path, split: str, segmentation: bool = False, val_fraction: float = 0.0) -> VocLayout:
+    """The annotation files of one split, in whichever layout `root` holds (module docstring)."""
+    root = find_voc_root(root)
+    flat = not (root / "Annotations").is_dir()
+    if flat:
+        xmls = _flat_xmls(root)
+        ids = [p.relative_to(root).with_suffix("").as_posix() for p in xmls]
+        where = f"{len(xmls)} .xml files beside their images (labelImg layout)"
+        lists = []
+    else:
+        xmls = sorted((root / "Annotations").glob("*.xml"))
+        ids = [p.stem for p in xmls]
+        where = f"{len(xmls)} .xml files in Annotations/"
+        lists = sorted((root / "ImageSets" / "Main").glob("*.txt")) if (root / "ImageSets" / "Main").is_dir() else []
+        if val_fraction and lists:
+            raise VocLayoutError(f"{root / 'ImageSets' / 'Main'}: has split lists; --val-fraction applies only "
+                                 "to folders without them")
+        list_file = root / "ImageSets" / ("Segmentation" if segmentation else "Main") / f"{split}.txt"
+        if list_file.is_file() or segmentation or (lists and split != "all"):
+            try:
+                list_ids, path = read_split_ids(root, split, segmentation)
+            except VocLayoutError as e:
+                raise VocLayoutError(f"{e}; or pass --split all to build all {where}") from None
+            return VocLayout(root, False, [(i, root / "Annotations" / f"{i}.xml") for i in list_ids], path, "list")
+    if not 0.0 <= val_fraction < 1.0:
+        raise VocLayoutError(f"{root}: --val-fraction must be in [0, 1), got {val_fraction}")
+    if split == "all":
+        return VocLayout(root, flat, list(zip(ids, xmls)), None, "all")
+    if val_fraction and split in ("train", "val"):
+        keep = [(i, p) for i, p in zip(ids, xmls) if in_val_fraction(i, val_fraction) == (split == "val")]
+        return VocLayout(root, flat, keep, None, f"val-fraction {val_fraction}")
+    raise VocLayoutError(f"{root}: no split list for {split!r} (found {where}, no ImageSets/Main/{split}.txt); "
+                         "pass --split all to build every annotated image, or --split train|val with "
+                         "--val-fraction F to hold out a fraction F as val")
 
 
 # ----------------------------------------------------------------------------- the Source
@@ -148,37 +223,92 @@ class VocSource(Source):
         use_masks: bool = field(default=True, metadata={"help": "use SegmentationObject/Class PNGs when present"})
         segmentation_split: bool = field(default=False, metadata={
             "help": "take the split from ImageSets/Segmentation (only images that have masks)"})
+        val_fraction: float = field(default=0.0, metadata={
+            "help": "folders without ImageSets split lists (tool exports): --split val takes this fraction of "
+                    "the images (chosen by a hash of each id), --split train the rest; --split all takes every image"})
+        classes_file: str = field(default="", metadata={
+            "help": "class names, one per line, in label order (default: the 20 VOC classes; for folders "
+                    "without split lists, the names found in all their XML files when any is not a VOC class)"})
 
     def __init__(self, cfg):
         super().__init__(cfg)
         if not cfg.root:
-            raise SourceError(f"{self.name}: --root DIR (VOCdevkit/VOC20xx) is required")
+            raise SourceError(f"{self.name}: --root DIR (VOCdevkit/VOC20xx, or a folder of labelImg XML files) is required")
+        o = self.options
         try:
-            self.root = find_voc_root(cfg.root)
-            self.ids, self.list_path = read_split_ids(self.root, cfg.split, self.options.segmentation_split)
+            self.layout = voc_layout(cfg.root, cfg.split, o.segmentation_split, o.val_fraction)
+            self._classes = self._read_classes()
         except VocLayoutError as e:
             raise SourceError(str(e)) from None
-        self.class_index = {c: i for i, c in enumerate(VOC_CLASSES)}
+        self.root = self.layout.root
+        self.class_index = {c: i for i, c in enumerate(self._classes)}
 
-    def classes(self) -> list[str]:
-        return list(VOC_CLASSES)
+    def _read_classes(self) -> list[str]:
+        if self.options.classes_file:
+            path = Path(self.options.classes_file)
+            try:
+                names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+            except (OSError, UnicodeDecodeError) as e:
+                raise VocLayoutError(f"{path}: cannot read class names ({e})") from None
+            if not names or len(set(names)) != len(names):
+                raise VocLayoutError(f"{path}: no class names, or a name repeated")
+            return names
+        if self.layout.split_rule == "list":
+            return list(VOC_CLASSES)
+        # a tool's export: its own classes, from every XML of the folder (not only this split, so
+        # that train and val agree); the VOC list when they are all VOC classes
+        lay = self.layout
+        xmls = _flat_xmls(lay.root) if lay.flat else sorted((lay.root / "Annotations").glob("*.xml"))
+        found = set()
+        for xml in xmls:
+            try:
+                found.update(o.name for o in parse_voc_xml(xml).objects if o.name)
+            except VocLayoutError:
+                continue  # skipped (and counted) when its split is built
+        return list(VOC_CLASSES) if found <= set(VOC_CLASSES) else sorted(found)
 
     def fingerprint(self) -> dict:
+        lay = self.layout
+        entries = [(i, xml) for i, xml in lay.entries if lay.flat or self.path_problem(f"{i}.xml") is None]
         h = hashlib.sha256()
-        for i in self.ids:
-            p = self.root / "Annotations" / f"{i}.xml"
-            h.update(f"{i}\t{sha256_file(p) if p.is_file() else '-'}\n".encode())
-        pngs = [self.root / d / f"{i}.png" for i in self.ids for d in ("SegmentationObject", "SegmentationClass")]
-        return {"split_list": self.list_path.name, "split_list_sha256": sha256_file(self.list_path),
-                "annotations_sha256": h.hexdigest(), "ids": len(self.ids),
-                "images_sha256": files_digest([self.root / "JPEGImages" / f"{i}.jpg" for i in self.ids], self.root),
-                "masks_sha256": files_digest([p for p in pngs if p.is_file()], self.root)}
+        for i, xml in entries:
+            h.update(f"{i}\t{sha256_file(xml) if xml.is_file() else '-'}\n".encode("utf-8", "surrogateescape"))
+        if lay.flat:
+            images = sorted(p for p in lay.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+            pngs = []
+        else:
+            images = [self.root / "JPEGImages" / f"{i}.jpg" for i, _ in entries]
+            pngs = [self.root / d / f"{i}.png" for i, _ in entries for d in ("SegmentationObject", "SegmentationClass")]
+        fp = {"split_list": lay.list_path.name if lay.list_path else None,
+              "split_list_sha256": sha256_file(lay.list_path) if lay.list_path else None,
+              "annotations_sha256": h.hexdigest(), "ids": len(lay.entries),
+              "images_sha256": files_digest(images, self.root),
+              "masks_sha256": files_digest([p for p in pngs if p.is_file()], self.root)}
+        if lay.split_rule != "list":  # (kept out of the classic layout's fingerprint: old builds resume)
+            fp.update(layout="labelImg" if lay.flat else "voc", split_rule=lay.split_rule, classes=self._classes)
+        return fp
+
+    def _image_path(self, xml: Path, image_id: str, filename: str) -> Path:
+        """The image of an annotation: its <filename> in JPEGImages/ (beside the XML for labelImg);
+        else a file named like the XML with an image extension (tools that write <filename>
+        without one, or another one). A missing image is skipped when loaded."""
+        folder = xml.parent if self.layout.flat else self.root / "JPEGImages"
+        path = folder / filename
+        if not path.is_file():
+            stem = xml.stem if self.layout.flat else image_id
+            for ext in IMAGE_EXTS + tuple(e.upper() for e in IMAGE_EXTS):
+                if (folder / (stem + ext)).is_file():
+                    return folder / (stem + ext)
+        return path
 
     def items(self) -> tuple[list[WorkItem], list[Skip]]:
         items, skips = [], []
         object_unit = self.cfg.unit == "object"
-        for image_id in self.ids:
-            xml = self.root / "Annotations" / f"{image_id}.xml"
+        for image_id, xml in self.layout.entries:
+            problem = None if self.layout.flat else self.path_problem(f"{image_id}.xml")
+            if problem:
+                skips.append(Skip(image_id, problem, f"{self.layout.list_path}: {image_id!r}"))
+                continue
             if not xml.is_file():
                 skips.append(Skip(image_id, "missing annotation", str(xml)))
                 continue
@@ -203,7 +333,14 @@ class VocSource(Source):
                 objs.append((o.instance, self.class_index[o.name], box, o.difficult, o.truncated))
             if not objs:
                 continue
-            data = (image_id, ann.filename, ann.width, ann.height, objs)
+            problem = self.path_problem(ann.filename)
+            if problem:  # <filename> leaves its folder: never opened
+                skips.append(Skip(image_id, problem, f"{xml}: <filename> {ann.filename!r}",
+                                  len(objs) if object_unit else 1))
+                continue
+            path = self._image_path(xml, image_id, ann.filename)
+            name = ann.filename if path.name == Path(ann.filename).name else path.name
+            data = (image_id, os.path.relpath(path, self.root), name, ann.width, ann.height, objs)
             if object_unit:
                 items.append(WorkItem(image_id, len(objs), data))
             elif any(not d for *_, d, _ in objs) or self.options.keep_difficult:
@@ -217,11 +354,13 @@ class VocSource(Source):
         out = []
         for folder in ("SegmentationObject", "SegmentationClass"):
             p = self.root / folder / f"{image_id}.png"
-            if not (self.options.use_masks and p.is_file()):
+            if self.layout.flat or not (self.options.use_masks and p.is_file()):
                 out.append(None)
                 continue
             try:
-                values, _ = read_mask_values(p)
+                if not (self.cfg.allow_outside_root or resolves_inside(p, self.root)):
+                    raise MaskError(f"{p}: resolves outside {self.root}")
+                values, _ = read_mask_values(p, self.cfg.max_pixels)
             except MaskError as e:
                 log.warning("%s; using boxes", e)
                 out.append(None)
@@ -247,16 +386,21 @@ class VocSource(Source):
         return keep
 
     def load(self, item: WorkItem):
-        image_id, filename, w, h, objs = item.data
-        path = self.root / "JPEGImages" / filename
+        image_id, rel, filename, w, h, objs = item.data
+        path = self.root / rel
+        if self.cfg.unit == "object":
+            reduce = reduce_if_large(self.cfg.size, min(square_window(o[2], self.cfg.context)[2] for o in objs))
+        else:
+            reduce = reduce_if_large(self.cfg.size)
         try:
-            img, _ = decode_image(path, self.channels)
+            decoded = self.read_image(path, self.root, reduce)
         except ImageError as e:
             yield Skip(item.id, e.reason, e.detail, item.expected)
             return
-        if img.shape[:2] != (h, w):
+        img, scale = decoded.pixels, decoded.scale
+        if (decoded.height, decoded.width) != (h, w):
             yield Skip(item.id, "image size differs from annotation",
-                       f"{path}: {img.shape[1]}x{img.shape[0]}, XML says {w}x{h}", item.expected)
+                       f"{path}: {decoded.width}x{decoded.height}, XML says {w}x{h}", item.expected)
             return
         inst, cls = self._masks(image_id, w, h)
         shapes = []
@@ -271,9 +415,9 @@ class VocSource(Source):
         if self.cfg.unit == "object":
             for (k, label, box, difficult, truncated), shape in zip(objs, shapes):
                 meta = dict(base, object=k, difficult=difficult, truncated=truncated)
-                yield RawSample(key=f"{image_id}_{k}", image=img, label=label,
+                yield RawSample(key=f"{image_id}_{k}", image=img, label=label, scale=scale,
                                 window=square_window(box, self.cfg.context), shapes=[shape], meta=meta)
         else:
             candidates = [o for o in objs if not o[3]] or objs
             label = max(candidates, key=lambda o: (o[2][2] - o[2][0]) * (o[2][3] - o[2][1]))[1]
-            yield RawSample(key=image_id, image=img, label=label, shapes=shapes, meta=base)
+            yield RawSample(key=image_id, image=img, label=label, scale=scale, shapes=shapes, meta=base)

@@ -255,3 +255,34 @@ def build_and_read(out: Path, *argv: str) -> tuple[dict, list[dict]]:
             samples.append({"key": s["__key__"], "image": img, "sal": sal, "label": decode_label(s["label.i64"]),
                             "meta": json.loads(s["json"])})
     return m.raw, samples
+
+
+# ----------------------------------------------------------------------------- what the build opens
+
+_OPENED: list[str] | None = None  # set while a `files_opened()` block runs
+
+
+def _audit(event: str, args) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.path.realpath(os.fsdecode(args[0])))
+
+
+_HOOKED = False
+
+
+class files_opened:
+    """`with files_opened() as opened:` -> the real paths of every file Python opened in the block
+    (the interpreter's "open" audit events: builtins.open, Path.read_bytes, PIL, ElementTree...).
+    Audit hooks cannot be removed, so one is installed once and records only inside a block."""
+
+    def __enter__(self) -> list[str]:
+        global _OPENED, _HOOKED
+        if not _HOOKED:
+            sys.addaudithook(_audit)
+            _HOOKED = True
+        _OPENED = []
+        return _OPENED
+
+    def __exit__(self, *exc) -> None:
+        global _OPENED
+        _OPENED = None

@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from sat_train.loader import BACKENDS as LOADER_BACKENDS
 from sat_train.methods import ATTACK_BN_MODES, METHODS
 
 OPTIMIZERS = ("sgd", "adam")
@@ -37,7 +38,8 @@ class TrainConfig:
     # data
     shards: str = ""  # training shard set (folder with manifest.json); required
     run: str = ""  # run folder; default runs/<method>
-    loader_backend: str = "auto"  # "auto" | "dali" | "torch" (see sat_train.loader)
+    loader_backend: str = "auto"  # "auto" | "dali" | "torch" | "device" (see sat_train.loader)
+    loader_memory_fraction: float = 0.5  # device backend: share of free GPU memory / available RAM the decoded set may use
     loader_decode: str = "auto"  # DALI on CUDA: "gpu" (nvJPEG) | "cpu" (threads, then one copy) | "auto" (cpu <= 64x64)
     num_workers: int = 2
     augment: bool = True  # random crop (pad crop_padding) + horizontal flip, shared by image and saliency
@@ -96,6 +98,7 @@ class TrainConfig:
 
 # Fields that may differ between a run and its --resume (they do not change the math).
 RESUMABLE_CHANGES = {"epochs", "num_workers", "progress", "resume", "overwrite", "loader_backend", "loader_decode",
+                     "loader_memory_fraction",
                      "device", "run", "shards", "stop_after_epochs"}
 # (shards may move on disk: fit checks the manifest fingerprint against the checkpoint instead)
 _HINTS = typing.get_type_hints(TrainConfig)
@@ -191,7 +194,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.amp in AMP_MODES, f"amp {cfg.amp!r} is not one of {', '.join(AMP_MODES)}")
     need(cfg.attack_bn in ATTACK_BN_MODES, f"attack_bn {cfg.attack_bn!r} is not one of {', '.join(ATTACK_BN_MODES)}")
     need(cfg.device in ("auto", "cpu", "cuda"), f"device {cfg.device!r} is not auto, cpu or cuda")
-    need(cfg.loader_backend in ("auto", "dali", "torch"), f"loader_backend {cfg.loader_backend!r} is not auto, dali or torch")
+    need(cfg.loader_backend in LOADER_BACKENDS,
+         f"loader_backend {cfg.loader_backend!r} is not one of {', '.join(LOADER_BACKENDS)}")
+    need(0 < cfg.loader_memory_fraction <= 1, f"loader_memory_fraction={cfg.loader_memory_fraction} must be in (0, 1]")
     need(cfg.loader_decode in ("auto", "gpu", "cpu"), f"loader_decode {cfg.loader_decode!r} is not auto, gpu or cpu")
     need(cfg.epochs >= 1 and cfg.batch_size >= 1, "epochs and batch_size must be >= 1")
     need(0 <= cfg.eps <= 1 and cfg.lr > 0, "eps must be in [0, 1] and lr > 0")

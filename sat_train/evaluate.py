@@ -24,6 +24,7 @@ import torch
 
 from sat_train.config import read_toml
 from sat_train.distortions import LEVELS
+from sat_train.loader import BACKENDS as LOADER_BACKENDS
 
 RESULTS_VERSION = 1
 
@@ -60,7 +61,7 @@ class EvalConfig:
     limit: int = 0  # evaluate the first N samples only (0 = all)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    loader_backend: str = "auto"  # auto | dali | torch (see sat_train.loader)
+    loader_backend: str = "auto"  # auto | dali | torch | device (see sat_train.loader)
     loader_decode: str = "auto"  # DALI on CUDA: gpu | cpu | auto (see sat_train.loader.dali_backend)
     sanity_tol: float = 0.0  # accuracy points of slack before a masking check warns
     aa_gap: float = 5.0  # warn when AutoAttack is this many points below PGD on the same samples
@@ -88,7 +89,7 @@ class EvalConfig:
         need(self.pgd_restarts >= 1, "pgd_restarts must be >= 1")
         need(min(self.cw, self.autoattack, self.limit) >= 0, "cw, autoattack and limit must be >= 0")
         need(self.batch_size >= 1, "batch_size must be >= 1")
-        need(self.loader_backend in ("auto", "dali", "torch"), "loader_backend: auto | dali | torch")
+        need(self.loader_backend in LOADER_BACKENDS, f"loader_backend: {' | '.join(LOADER_BACKENDS)}")
         need(self.loader_decode in ("auto", "gpu", "cpu"), "loader_decode: auto | gpu | cpu")
         need(self.autoattack_version in ("standard", "plus", "rand"), "autoattack_version: standard | plus | rand")
         need(all(0 <= c <= 1 for c in self.contrast), "contrast levels must be in [0, 1]")

@@ -119,7 +119,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
     loader = make_loader(cfg.shards, cfg.batch_size, train=True, backend=cfg.loader_backend, augment=cfg.augment,
                          crop_padding=cfg.crop_padding, flip=cfg.flip, seed=cfg.seed, rank=info.rank,
                          world_size=info.world_size, device=device, num_workers=cfg.num_workers,
-                         decode=cfg.loader_decode)
+                         decode=cfg.loader_decode, memory_fraction=cfg.loader_memory_fraction)
     manifest = loader.manifest
     img = manifest.image
     spec = model_spec(cfg.arch, manifest.num_classes, img["channels"], img["height"])

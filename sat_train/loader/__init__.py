@@ -9,9 +9,13 @@
 
 Backends: "dali" (one pipeline fed the planned samples through fn.external_source; decode on the
 GPU or DALI's CPU threads on CUDA, CPU pipeline otherwise; see dali_backend.py),
-"torch" (webdataset tar reading + DataLoader workers, cv2 decode), "auto" (DALI when it imports).
-Both follow the same per-epoch plan (see plan.py for the exact epoch, shuffle and distributed
-semantics) and the same augmentation (augment.py). The epoch is explicit: iterating twice without
+"torch" (webdataset tar reading + DataLoader workers, cv2 decode), "device" (the whole set decoded
+once into uint8 tensors on the training device, or host memory on CPU; batches are gathered,
+cropped and flipped there; refused when the set exceeds `memory_fraction` of the free memory; see
+device_backend.py), "auto" (on CUDA "device" for images up to 64x64 that fit the budget, else DALI
+when it imports, else torch). All follow the same per-epoch plan (see plan.py for the exact epoch,
+shuffle and distributed semantics) and the same augmentation (augment.py; the device backend even
+uses DALI's draws, so the two agree bit for bit). The epoch is explicit: iterating twice without
 `set_epoch` gives the same order again. Shards are checked against the manifest before anything
 reads them (safety.py); problems raise `LoaderError` with a one-line message naming the file.
 """
@@ -27,7 +31,7 @@ from .safety import open_shard_set
 
 __all__ = ["make_loader", "LoaderError", "Loader", "dali_available"]
 
-BACKENDS = ("auto", "dali", "torch")
+BACKENDS = ("auto", "dali", "torch", "device")  # TrainConfig / EvalConfig validate against this
 DECODES = ("auto", "gpu", "cpu")  # where DALI decodes on a CUDA target (see make_loader)
 
 
@@ -105,7 +109,8 @@ def _resolve_rank(rank, world_size) -> tuple[int, int]:
 def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto", augment: bool | None = None,
                 crop_padding: int = 4, flip: bool = True, seed: int = 0, drop_last: bool | None = None,
                 rank: int | None = None, world_size: int | None = None, device=None, num_workers: int = 2,
-                verify: str = "size", with_keys: bool = False, decode: str = "auto") -> Loader:
+                verify: str = "size", with_keys: bool = False, decode: str = "auto",
+                memory_fraction: float = 0.5) -> Loader:
     """Loader over the shard set in `shard_dir` (a folder with manifest.json).
 
     train=True: shuffled per epoch, augmented, last partial batch dropped (defaults; override with
@@ -113,6 +118,8 @@ def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto
     `with_keys=True` yields a fourth item, the list of sample keys (for checks and debugging).
     `decode` places DALI's decoding on a CUDA target: "gpu" (mixed), "cpu" (DALI's threads, then one
     copy of the uint8 pixels), "auto" (cpu up to 64x64 images, gpu above; see dali_backend.py).
+    `memory_fraction`: the device backend (and "auto" on CUDA) may use this share of the free device
+    memory (CUDA) or available host RAM (CPU) for the decoded set.
     Raises LoaderError (one-line message naming the file) on a bad shard set or layout."""
     if backend not in BACKENDS:
         raise LoaderError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -120,6 +127,8 @@ def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto
         raise LoaderError(f"decode must be one of {DECODES}, got {decode!r}")
     if crop_padding < 0 or num_workers < 0:
         raise LoaderError("crop_padding and num_workers must be >= 0")
+    if not 0 < memory_fraction <= 1:
+        raise LoaderError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
     augment = train if augment is None else bool(augment)
     drop_last = train if drop_last is None else bool(drop_last)
     rank, world_size = _resolve_rank(rank, world_size)
@@ -132,11 +141,13 @@ def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto
     layout.check(str(shard_set.manifest.root))
 
     if backend == "auto":
-        backend = "dali" if dali_available() else "torch"
+        backend, why = _auto_backend(shard_set.manifest, device, memory_fraction)
         if rank == 0:
-            print(f"loader: backend auto -> {backend}" + ("" if backend == "dali" else " (nvidia.dali does not import)"),
-                  file=sys.stderr)
-    if backend == "dali":
+            print(f"loader: backend auto -> {backend} ({why})", file=sys.stderr)
+    if backend == "device":
+        from .device_backend import DeviceLoader
+        cls, extra = DeviceLoader, {"memory_fraction": float(memory_fraction)}
+    elif backend == "dali":
         if not dali_available():
             raise LoaderError("backend 'dali' requested but nvidia.dali does not import (pip install satpipe[dali])")
         from .dali_backend import DaliLoader
@@ -146,3 +157,21 @@ def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto
         cls, extra = TorchLoader, {}
     return cls(shard_set, layout, seed=int(seed), augment=augment, crop_padding=int(crop_padding), flip=bool(flip),
                device=device, num_workers=int(num_workers), with_keys=with_keys, **extra)
+
+
+def _auto_backend(manifest, device: torch.device, memory_fraction: float) -> tuple[str, str]:
+    """(backend, why): "device" on CUDA for small images whose set fits the budget, else DALI, else torch."""
+    if device.type == "cuda":
+        from .device_backend import AUTO_MAX_PIXELS, budget_check
+
+        image = manifest.image
+        small = (image.get("height") or 0) * (image.get("width") or 0) <= AUTO_MAX_PIXELS
+        fits, text = budget_check(manifest, device, memory_fraction) if small else (False, "")
+        if fits:
+            return "device", text
+        reason = f"does not fit: {text}" if small else "images larger than 64x64"
+    else:
+        reason = "the device backend is picked on CUDA only"
+    if dali_available():
+        return "dali", reason
+    return "torch", f"{reason}; nvidia.dali does not import"

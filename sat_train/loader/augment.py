@@ -5,6 +5,12 @@ Definition (the DALI pipeline implements the same with `fn.slice(out_of_bounds_p
     out[y, x] = in[y + dy, x + dx]   (0 where that falls outside the image), then mirror if the coin is 1.
 Padding is 0 in uint8 for both: black image, saliency -1 ("not salient") -- padding holds no object.
 One set of draws is used for image and saliency, so they stay aligned pixel for pixel.
+Three implementations of this one definition: `crop_flip` (numpy, the torch backend's workers),
+DALI's fn.slice + fn.flip (dali_backend.py) and `crop_flip_gather` (torch, any device: the device
+backend, which also has a Numba loop for CPU targets, see device_backend.py). What the backends share:
+the DALI and device backends use the same draws (numpy, seeded by (seed, epoch, rank, 2), per batch an
+anchor per sample then a coin per sample), so they agree bit for bit; the torch backend draws per
+DataLoader worker (seeded by (seed, epoch, rank, 3, worker)), so it shares the distribution only.
 
 Both backends finish their batches in their own parallel workers (DALI's threads, DataLoader
 processes): NCHW layout, and on a CPU target also the float conversion, so the training process
@@ -36,6 +42,25 @@ def crop_flip(batch: np.ndarray, dy: np.ndarray, dx: np.ndarray, mirror: np.ndar
         view = padded[i, p + dy[i]:p + dy[i] + h, p + dx[i]:p + dx[i] + w]
         out[i] = view[:, ::-1] if mirror[i] else view
     return out
+
+
+def crop_flip_gather(store: torch.Tensor, idx: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
+                     mirror: torch.Tensor) -> torch.Tensor:
+    """crop_flip's definition on torch tensors, fused with picking the batch: out[b] = the crop/flip of
+    store[idx[b]] (padding p is implied by the draws). store (N, C, H, W) on any device; idx, dy, dx
+    integer and mirror bool tensors of shape (B,) on the same device. One gather kernel, no host sync.
+
+    After the crop, out[y, x] = in[y + dy, x + dx]; the mirror reads column w - 1 - x of the crop, so
+    the source column is (w - 1 - x if mirror else x) + dx; sources outside the image give 0."""
+    _, c, h, w = store.shape
+    dev = store.device
+    rows = torch.arange(h, device=dev) + dy[:, None]  # (B, H) source row of each output row
+    ar_w = torch.arange(w, device=dev)
+    cols = torch.where(mirror[:, None], w - 1 - ar_w, ar_w) + dx[:, None]  # (B, W)
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    out = store[idx[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                rows.clamp(0, h - 1)[:, None, :, None], cols.clamp(0, w - 1)[:, None, None, :]]
+    return out.mul_(inside[:, None])
 
 
 def uint8_to_float(x: np.ndarray, saliency: bool) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Both loader backends on real shard sets: sets, order, pixels, augmentation alignment, seeds."""
+"""The loader backends on real shard sets: sets, order, pixels, augmentation alignment, seeds."""
 import cv2
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 from sat_train.loader import make_loader
 from shards.format import decode_label, iter_tar_samples, read_manifest
 
-BACKENDS = ["dali", "torch"]
+BACKENDS = ["dali", "torch", "device"]
 
 
 def truth(root):
@@ -62,13 +62,14 @@ def test_backends_yield_same_keys_labels_and_order_per_epoch(png_set):
             assert len(set(keys)) == 64 and set(keys) <= set(ref)  # once each; 6 dropped by drop_last
             assert y.tolist() == [ref[k][2] for k in keys]  # each label belongs to its sample
             orders[b, epoch] = keys
-    # both backends follow the same plan, so they even agree on the order
-    assert orders["dali", 0] == orders["torch", 0] and orders["dali", 1] == orders["torch", 1]
+    # every backend follows the same plan, so they even agree on the order
+    for epoch in (0, 1):
+        assert orders["dali", epoch] == orders["torch", epoch] == orders["device", epoch]
     assert orders["dali", 0] != orders["dali", 1]  # reshuffled per epoch
 
 
 @pytest.mark.parametrize("fmt,channels", [("png", 3), ("raw", 3), ("png", 1)])
-def test_eval_pixels_exact_in_order_for_both_backends(tiny_shards, fmt, channels):
+def test_eval_pixels_exact_in_order_for_every_backend(tiny_shards, fmt, channels):
     root = tiny_shards(num_samples=37, per_shard=16, image_format=fmt, channels=channels)
     ref = truth(root)
     outs = {}
@@ -81,8 +82,8 @@ def test_eval_pixels_exact_in_order_for_both_backends(tiny_shards, fmt, channels
         assert np.array_equal(xi, np.stack([ref[k][0] for k in keys]))
         assert np.array_equal(si, np.stack([ref[k][1] for k in keys]))
         outs[b] = (x, s, y)
-    for a, b in zip(outs["dali"], outs["torch"]):
-        assert torch.equal(a, b)  # DALI CPU and torch agree bit for bit
+    for a, b, c in zip(outs["dali"], outs["torch"], outs["device"]):
+        assert torch.equal(a, b) and torch.equal(a, c)  # DALI CPU, torch and device agree bit for bit
 
 
 def find_draws(aug, orig, p=4):

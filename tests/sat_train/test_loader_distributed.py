@@ -14,10 +14,11 @@ WORKER = textwrap.dedent("""
     root, out = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo", init_method="env://")  # RANK, WORLD_SIZE, MASTER_* from the environment
     result = {}
-    for backend in ("dali", "torch"):
+    for backend in ("dali", "torch", "device"):
         for name, kw in (("train", dict(train=True, drop_last=False)), ("train_drop", dict(train=True)),
                          ("eval", dict(train=False))):
-            loader = make_loader(root, 8, backend=backend, device="cpu", num_workers=1, with_keys=True, **kw)
+            workers = 0 if backend == "device" else 1  # device: the one-off decode in-process (no worker start)
+            loader = make_loader(root, 8, backend=backend, device="cpu", num_workers=workers, with_keys=True, **kw)
             for epoch in (0, 1):
                 loader.set_epoch(epoch)
                 batches = [keys for x, s, y, keys in loader]
@@ -56,7 +57,7 @@ def test_two_ranks_cover_every_sample_exactly_once_per_epoch(tiny_shards, tmp_pa
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
     r0, r1 = json.loads(out.read_text())
     everything = sorted(f"s{i:06d}" for i in range(70))
-    for backend in ("dali", "torch"):
+    for backend in ("dali", "torch", "device"):
         for epoch in ("0", "1"):
             a, b = r0[f"{backend}/train/{epoch}"], r1[f"{backend}/train/{epoch}"]
             assert not set(a["keys"]) & set(b["keys"])  # disjoint
@@ -67,6 +68,8 @@ def test_two_ranks_cover_every_sample_exactly_once_per_epoch(tiny_shards, tmp_pa
             ea, eb = r0[f"{backend}/eval/{epoch}"], r1[f"{backend}/eval/{epoch}"]
             assert ea["keys"] + eb["keys"] == everything  # eval: in order, contiguous halves
         assert r0[f"{backend}/train/0"]["keys"] != r0[f"{backend}/train/1"]["keys"]  # reshuffled per epoch
-    assert r0["dali/train/0"]["keys"] == r0["torch/train/0"]["keys"]  # one plan for both backends
+    for r in (r0, r1):  # one plan for every backend
+        for name in ("train/0", "train/1", "train_drop/1", "eval/0"):
+            assert r[f"dali/{name}"]["keys"] == r[f"torch/{name}"]["keys"] == r[f"device/{name}"]["keys"]
     for r in (r0, r1):
         assert r["too_few"] and "rank 0 would get 35 sample(s) and no batch" in r["too_few"]

@@ -140,3 +140,74 @@ def test_build_voc_objects_records_skips(voc, tmp_path):
     assert sorted(s["label"] for s in samples) == sorted([DOG, CAT])
     assert manifest["counts"]["skipped"] == {"difficult object": 1, "malformed annotation": 1,
                                              "unknown class name": 1, "missing annotation": 1}
+
+
+# ----------------------------------------------------------------------------- layouts annotation tools export
+
+def _export_without_imagesets(root: Path, n: int = 6) -> Path:
+    """Annotations/ + JPEGImages/ and nothing else, as "Pascal VOC" exports of annotation tools are."""
+    rng = np.random.default_rng(1)
+    (root / "Annotations").mkdir(parents=True)
+    for i in range(n):
+        name = f"frame_{i:03d}"
+        fx.write_jpeg(root / "JPEGImages" / f"{name}.jpg", fx.object_photo(rng, H, W, (10, 5, 40, 35)))
+        objects = [{"name": "dog" if i % 2 else "cat", "box": (11, 6, 40, 35)}]
+        (root / "Annotations" / f"{name}.xml").write_text(fx.voc_xml(f"{name}.jpg", W, H, objects))
+    return root
+
+
+def test_export_without_imagesets_builds_with_split_all_or_a_val_fraction(tmp_path):
+    root = _export_without_imagesets(tmp_path / "export")
+    with pytest.raises(SourceError) as e:
+        VocSource(_cfg(root))
+    msg = str(e.value)  # what was found and what to pass
+    assert "found 6 .xml files in Annotations/" in msg and "--split all" in msg and "--val-fraction" in msg
+    manifest, samples = fx.build_and_read(tmp_path / "all", "voc", "--root", str(root), "--split", "all",
+                                          "--size", "32", "--image-format", "png")
+    assert manifest["counts"]["written"] == 6 and manifest["classes"] == VOC_CLASSES
+    assert sorted(s["label"] for s in samples) == sorted([CAT, DOG] * 3)
+    ids = {}
+    for split in ("train", "val"):
+        src = VocSource(BuildConfig(source="voc", root=str(root), split=split, unit="object",
+                                    source_options={"val_fraction": 0.5}))
+        ids[split] = {it.id for it in src.items()[0]}
+    assert ids["train"] | ids["val"] == {f"frame_{i:03d}" for i in range(6)} and not ids["train"] & ids["val"]
+    assert ids["val"] == {"frame_002"}  # where the hash of the ids puts them, whatever else is in the folder
+
+
+def test_labelimg_xml_beside_its_image(tmp_path):
+    """labelImg saves <name>.xml next to <name>.jpg, with <path> on the annotator's machine: that
+    path must never be opened (here it exists, holding another picture)."""
+    root = tmp_path / "shop-photos"
+    annotator = tmp_path / "home" / "annotator" / "Pictures"
+    rng = np.random.default_rng(2)
+    layout = {"shelf_1.jpg": [("widget", (5, 5, 30, 30)), ("gadget", (40, 20, 70, 50))],
+              "shelf_2.jpg": [("gadget", (11, 6, 40, 35))], "aisle/shelf_3.JPG": [("widget", (2, 2, 60, 50))]}
+    for name, objs in layout.items():
+        image = root / name
+        fx.write_jpeg(image.with_suffix(".jpg"), fx.object_photo(rng, H, W, (10, 5, 40, 35)))
+        image.with_suffix(".jpg").rename(image)
+        fx.write_jpeg(annotator / image.name, np.full((H, W, 3), 255, np.uint8))
+        xml = fx.labelimg_xml(image, W, H, [{"name": n, "box": b} for n, b in objs], str(annotator / image.name))
+        image.with_suffix(".xml").write_text(xml)
+    (root / "notes.txt").write_text("not an annotation")
+    with pytest.raises(SourceError, match="found 3 .xml files beside their images \\(labelImg layout\\).*--split all"):
+        VocSource(_cfg(root))
+    with fx.files_opened() as opened:
+        manifest, samples = fx.build_and_read(tmp_path / "out", "voc", "--root", str(root), "--split", "all",
+                                              "--size", "32", "--image-format", "png", "--saliency", "box")
+    assert not [p for p in opened if p.startswith(str(annotator))]
+    assert manifest["classes"] == ["gadget", "widget"]  # the export's own classes, not VOC's
+    assert manifest["counts"]["written"] == 4 and manifest["counts"]["skipped"] == {}
+    assert sorted((s["meta"]["source_id"], s["label"]) for s in samples) == [
+        ("aisle/shelf_3", 1), ("shelf_1", 0), ("shelf_1", 1), ("shelf_2", 0)]
+
+
+def test_filename_leaving_the_image_folder_is_skipped(voc, tmp_path):
+    xml = voc / "Annotations" / "2007_000002.xml"
+    xml.write_text(xml.read_text().replace("<filename>2007_000002.jpg", "<filename>../../../../etc/passwd"))
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("2007_000001\n2007_000002\n../../x\n")
+    src = VocSource(_cfg(voc))
+    items, skips = src.items()
+    assert [it.id for it in items] == ["2007_000001"]
+    assert {(s.id, s.reason) for s in skips} >= {("2007_000002", "path outside root"), ("../../x", "path outside root")}

@@ -149,3 +149,23 @@ def test_build_cifar100_skips_recorded_in_manifest(tmp_path, foolbox):
                                           "--image-format", "png", "--saliency", "foreground")
     assert len(samples) == 19 and manifest["counts"]["skipped"] == {"label out of range": 1}
     assert samples[0]["image"].shape == (32, 32, 3)
+
+
+def test_wrong_types_in_a_batch(tmp_path, capsys):
+    """Labels that are not integers stop with one line naming the batch (np.asarray raised
+    ValueError before); file names of the wrong type are only metadata: records are named by position."""
+    from preprocess.cli import main
+
+    imgs, labels = _random(10)
+    fx.write_cifar10(tmp_path, (imgs, labels), (imgs[:5], labels[:5]))
+    d = tmp_path / "cifar-10-batches-py"
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump({b"data": fx._cifar_rows(imgs[:5]), b"labels": [1, 2, "3", 4, 5], b"filenames": 7}, f, protocol=2)
+    rc = main(["build-shards", "cifar10", "--root", str(tmp_path), "--split", "test", "--out", str(tmp_path / "o"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "test_batch: 'labels' is not a list of integer labels" in err
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump({b"data": fx._cifar_rows(imgs[:5]), b"labels": [1, 2, 3, 4, 5], b"filenames": 7}, f, protocol=2)
+    images, got, names = read_batch(d / "test_batch")
+    assert got.tolist() == [1, 2, 3, 4, 5] and names == [f"test_batch_{i}" for i in range(5)]

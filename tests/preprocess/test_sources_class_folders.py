@@ -86,3 +86,16 @@ def test_build_class_folders_val(folders, tmp_path):
     assert manifest["classes"] == ["cat", "dog", "fox"]
     assert sorted((s["meta"]["source_id"], s["label"]) for s in samples) == [("cat/img0.jpg", 0), ("fox/img0.jpg", 2)]
     assert samples[0]["image"].shape == (24, 24, 3)
+
+
+def test_symlink_out_of_the_root_is_skipped_unless_allowed(folders, tmp_path):
+    pool = tmp_path / "pool"
+    fx.write_jpeg(pool / "shared.jpg", np.full((30, 30, 3), 99, np.uint8))
+    (folders / "train" / "cat" / "linked.jpg").symlink_to(pool / "shared.jpg")
+    src = ClassFolderSource(_cfg(folders))
+    linked = next(it for it in src.items()[0] if it.id.endswith("linked.jpg"))
+    out = list(src.load(linked))
+    assert isinstance(out[0], Skip) and out[0].reason == "path outside root" and "--allow-outside-root" in out[0].detail
+    allowed = ClassFolderSource(BuildConfig(source="class-folders", root=str(folders), split="train", unit="image",
+                                            allow_outside_root=True))
+    assert next(allowed.load(linked)).image[0, 0].tolist() == [99, 99, 99]

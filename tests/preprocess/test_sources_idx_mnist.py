@@ -222,3 +222,26 @@ def test_worker_processes_give_identical_shards(tmp_path):
     two, _ = fx.build_and_read(tmp_path / "w2", *common, "--workers", "2")
     assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
     assert len(one["shards"]) == 3
+
+
+def test_crafted_headers_are_one_line_errors(tmp_path, capsys):
+    """Headers promising 2^32-1 records of 65535 x 65535 pixels, or float labels: one line naming
+    the file (a header like this used to reach f.read(1.8e19) and end in OverflowError)."""
+    import struct
+
+    from preprocess.cli import main
+
+    root = tmp_path / "m"
+    root.mkdir()
+    (root / "train-images-idx3-ubyte").write_bytes(struct.pack(">BBBBIII", 0, 0, 8, 3, 2**32 - 1, 65535, 65535) + bytes(64))
+    (root / "train-labels-idx1-ubyte").write_bytes(struct.pack(">BBBBI", 0, 0, 8, 1, 2**32 - 1) + bytes(64))
+    rc = main(["build-shards", "mnist", "--root", str(root), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "train-images-idx3-ubyte: records of 65535x65535 pixels" in err
+    (root / "train-images-idx3-ubyte").write_bytes(struct.pack(">BBBBIII", 0, 0, 8, 3, 2**32 - 1, 28, 28) + bytes(64))
+    rc = main(["build-shards", "mnist", "--root", str(root), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "train-labels-idx1-ubyte: truncated" in err
+    (root / "train-labels-idx1-ubyte").write_bytes(struct.pack(">BBBBI", 0, 0, 0x0D, 1, 2**32 - 1) + bytes(64))
+    rc = main(["build-shards", "mnist", "--root", str(root), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2 and "labels must be integers" in capsys.readouterr().err

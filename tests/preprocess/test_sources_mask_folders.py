@@ -11,7 +11,7 @@ import dataset_fixtures as fx  # noqa: E402
 
 from preprocess.config import BuildConfig  # noqa: E402
 from preprocess.pipeline import make_sample  # noqa: E402
-from preprocess.sources.base import SourceError  # noqa: E402
+from preprocess.sources.base import Skip, SourceError  # noqa: E402
 from preprocess.sources.mask_folders import MaskFolderSource  # noqa: E402
 from preprocess.sources.masks import detect_kind, load_mask, map_mask, read_mask_values  # noqa: E402
 
@@ -181,3 +181,24 @@ def test_build_oxford_pets_trimaps(pets, tmp_path):
         assert s["image"].shape == (32, 32, 3)
         assert {0, 255} <= set(np.unique(s["sal"]).tolist())
     assert sorted(s["label"] for s in samples) == [0, 0, 1, 1, 2, 2]
+
+
+def test_empty_image_and_links_leading_out(pets, tmp_path):
+    """A zero-byte image is a counted skip (it used to abort with a cv2 traceback); an image or a
+    mask that is a symlink out of its folder is skipped unread unless --allow-outside-root."""
+    (pets / "images" / "beagle_2.jpg").write_bytes(b"")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (pets / "images" / "Bengal_2.jpg").rename(outside / "Bengal_2.jpg")
+    (pets / "images" / "Bengal_2.jpg").symlink_to(outside / "Bengal_2.jpg")
+    (pets / "annotations" / "trimaps" / "Bengal_3.png").rename(outside / "Bengal_3.png")
+    (pets / "annotations" / "trimaps" / "Bengal_3.png").symlink_to(outside / "Bengal_3.png")
+    reasons = {}
+    for allow in (False, True):
+        cfg = _cfg(pets)
+        cfg.allow_outside_root = allow
+        src = MaskFolderSource(cfg)
+        out = [r for it in src.items()[0] for r in src.load(it)]
+        reasons[allow] = sorted(r.reason for r in out if isinstance(r, Skip))
+    assert reasons[False] == ["empty image", "path outside root", "path outside root"]
+    assert reasons[True] == ["empty image"]

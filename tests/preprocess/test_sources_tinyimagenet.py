@@ -116,3 +116,24 @@ def test_build_tinyimagenet_val_box_saliency(tiny, tmp_path):
         # 64 -> 32 px: the box (5..40, 6..50 inclusive) halves
         assert s["sal"][y0 // 2 + 1:(y1 + 1) // 2 - 1, x0 // 2 + 1:(x1 + 1) // 2 - 1].min() == 255
         assert s["sal"][30:, 25:].max() == 0
+
+
+def test_hostile_annotations(tiny, tmp_path):
+    """A val file name that climbs out of val/images is skipped unread; a wnid that is a path stops
+    the build; a zero-byte image is a counted skip (it used to abort with a cv2 traceback)."""
+    root, _ = tiny
+    elsewhere = tmp_path / "elsewhere.JPEG"
+    fx.write_jpeg(elsewhere, np.full((64, 64, 3), 200, np.uint8))
+    ann = root / "val" / "val_annotations.txt"
+    ann.write_text(ann.read_text() + f"../../../elsewhere.JPEG\t{WNIDS[0]}\t1\t1\t9\t9\n"
+                   + f"{elsewhere}\t{WNIDS[0]}\t1\t1\t9\t9\n")
+    (root / "val" / "images" / "val_1.JPEG").write_bytes(b"")
+    src = TinyImageNetSource(_cfg(root, "val"))
+    items, skips = src.items()
+    assert [s.reason for s in skips] == ["path outside root"] * 2 and len(items) == 4
+    loaded = [r for it in items for r in src.load(it)]
+    assert [r.reason for r in loaded if isinstance(r, Skip)] == ["empty image"]
+    assert not any(str(elsewhere) in str(it.data) for it in items)
+    (root / "wnids.txt").write_text(f"{WNIDS[0]}\n../../etc\n")
+    with pytest.raises(SourceError, match="wnids.txt: wnid 2 \\('../../etc'\\) is not a plain folder name"):
+        TinyImageNetSource(_cfg(root, "train"))

@@ -2,10 +2,14 @@
 
     preprocess verify shards/coco/train
 
-Checks presence, byte size and sha256 of every tar and index, the sample count of every tar, that
-each sample has all its components and every image and saliency map decodes to the manifest's
-shape, labels are in range, and each DALI index matches the members of its tar byte for byte.
-Prints one line per problem (naming the file) and exits 1 if there is any, 0 otherwise.
+Checks that every shard and index name in the manifest is a plain file name inside DIR, presence,
+byte size and sha256 of every tar and index, the sample count of every tar, that every tar member is
+a regular file with a plain name (no `..`, absolute names, links or devices), that each sample has
+all its components and every image and saliency map decodes to the manifest's shape, labels are in
+range, and each DALI index matches the members of its tar byte for byte.
+Prints one line per problem (naming the file) and exits 1 if there is any, 0 otherwise. Tar or index
+files in DIR that the manifest does not list get a warning line (readers ignore them; the set is
+still valid).
 """
 from __future__ import annotations
 
@@ -19,24 +23,29 @@ import numpy as np
 from tqdm import tqdm
 
 from shards.format import (CLS_EXT, LABEL_EXT, META_EXT, SALIENCY_EXT, Manifest, ShardFormatError,
-                           check_shard_files, decode_label, read_dali_index, read_manifest)
+                           check_shard_files, decode_label, read_dali_index, read_manifest, unlisted_files,
+                           unsafe_member)
 
 MAX_PER_SHARD = 10  # problem lines per shard before summarising (a broken shard is broken)
 
 
 def _tar_members(path: Path):
-    """[(key, ext, data offset, size, name, bytes)] in tar order; ShardFormatError if damaged."""
-    out = []
+    """([(key, ext, data offset, size, name, bytes)] in tar order, [problems with members that have no
+    place in a shard]); ShardFormatError if damaged. Nothing is extracted: unsafe members are named."""
+    out, problems = [], []
     try:
         with tarfile.open(path, "r:") as tf:
             for m in tf:
-                if m.isfile():
+                reason = unsafe_member(m)
+                if reason:
+                    problems.append(f"{path}: member {m.name!r} is {reason} (a shard holds regular files only)")
+                elif m.isfile():
                     base = m.name.rsplit("/", 1)[-1]
                     key, _, ext = base.partition(".")
                     out.append((key, ext, m.offset_data, m.size, m.name, tf.extractfile(m).read()))
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardFormatError(f"{path}: damaged tar ({e})") from None
-    return out
+    return out, problems
 
 
 def _check_sample(key: str, parts: dict, manifest: Manifest) -> list[str]:
@@ -73,13 +82,12 @@ def _check_sample(key: str, parts: dict, manifest: Manifest) -> list[str]:
 def verify_shard(manifest: Manifest, entry: dict) -> list[str]:
     """Problems inside one shard whose size and sha256 already matched."""
     tar_path, idx_path = manifest.root / entry["tar"], manifest.root / entry["index"]
-    members = _tar_members(tar_path)
+    members, problems = _tar_members(tar_path)
     samples: list[tuple[str, list]] = []
     for m in members:
         if not samples or samples[-1][0] != m[0]:
             samples.append((m[0], []))
         samples[-1][1].append(m)
-    problems = []
     if len(samples) != entry["samples"]:
         problems.append(f"{tar_path}: {len(samples)} samples, manifest says {entry['samples']}")
     for key, ms in samples:
@@ -92,6 +100,13 @@ def verify_shard(manifest: Manifest, entry: dict) -> list[str]:
     if len(problems) > MAX_PER_SHARD:
         problems = problems[:MAX_PER_SHARD] + [f"{tar_path}: ... and {len(problems) - MAX_PER_SHARD} more problems"]
     return problems
+
+
+def warnings(root: Path) -> list[str]:
+    """Findings that leave the set valid: files the manifest does not list."""
+    manifest = read_manifest(root)
+    return [f"{p}: not listed in the manifest (readers ignore it; left from another build?)"
+            for p in unlisted_files(manifest)]
 
 
 def verify(root: Path, progress: bool = True) -> list[str]:
@@ -120,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     except ShardFormatError as e:
         print(f"preprocess verify: {e}", file=sys.stderr)
         return 1
+    for w in warnings(root):
+        print(f"warning: {w}", file=sys.stderr)
     for p in problems:
         print(p, file=sys.stderr)
     if problems:

@@ -12,17 +12,21 @@ A shard set is a folder holding
     manifest.json        written last: config, input fingerprint, classes, per-shard size/sha256/count, counts
 
 Writing is atomic per file (temp name, fsync, rename), so a file with its final name is complete.
-Readers check sizes (cheap) or sha256 (full) against the manifest before opening tars: DALI
-segfaults on truncated tars, so nothing corrupt may reach it.
+Readers check sha256 (the default: every byte; the shards are hashed by parallel threads) or only
+sizes (opt-in, cheap) against the manifest before opening tars: DALI segfaults on truncated tars,
+so nothing corrupt may reach it. Shard and index names in a manifest are plain file names inside
+its folder (`read_manifest` refuses `../x.tar`, `/etc/hostname`, ...).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import mmap
 import os
 import re
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +42,10 @@ DALI_INDEX_VERSION = "v1.2"
 TAR_BLOCK = 512
 MAX_KEY_LEN = 80  # keeps every member name under USTAR's 100 chars, so each header is one block
 FIXED_MTIME = 0  # fixed tar member times make builds byte-identical
+VERIFY_MODES = ("sha256", "size")  # how readers check shard files before use: every byte (default) | sizes only
+HASH_THREADS = 8  # hashlib and file reads release the GIL: shards are hashed in parallel threads
+SHARD_KEYS = {"tar": str, "index": str, "samples": int, "bytes": int, "sha256": str, "index_bytes": int,
+              "index_sha256": str}
 
 
 class ShardFormatError(Exception):
@@ -201,6 +209,13 @@ class ShardWriter:
 
     def _abort(self) -> None:
         try:
+            # close the tar stream first, even though its last write may fail again (disk full): else
+            # tarfile's _Stream.__del__ flushes into the closed file later ("Exception ignored ... write
+            # to closed file" after the one-line error). close() marks it closed before it writes.
+            self._writer.close()
+        except (OSError, ValueError):
+            pass
+        try:
             self._file.close()
         finally:
             for p in (self._tmp_tar,):
@@ -270,24 +285,71 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardFormatError(f"{path}: not valid JSON ({e})") from None
-    if raw.get("format") != FORMAT_NAME:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise ShardFormatError(f"{path}: not a satpipe shard manifest")
     if raw.get("format_version") != FORMAT_VERSION:
         raise ShardFormatError(f"{path}: format version {raw.get('format_version')}, this satpipe reads {FORMAT_VERSION}")
     for k in ("shards", "classes", "image", "counts", "config", "fingerprint"):
         if k not in raw:
             raise ShardFormatError(f"{path}: missing field {k!r}")
-    if raw["image"].get("format") not in IMAGE_FORMATS:
-        raise ShardFormatError(f"{path}: unknown image format {raw['image'].get('format')!r}")
+    image = raw["image"]
+    if not isinstance(image, dict) or image.get("format") not in IMAGE_FORMATS:
+        raise ShardFormatError(f"{path}: unknown image format {image.get('format') if isinstance(image, dict) else image!r}")
+    if not all(_positive_int(image.get(k)) for k in ("height", "width", "channels")):
+        raise ShardFormatError(f"{path}: image height, width and channels must be positive integers, got {image}")
+    classes = raw["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ShardFormatError(f"{path}: classes must be a non-empty list of names")
+    _check_shard_entries(path, raw["shards"])
     return Manifest(root=root, raw=raw)
 
 
-def check_shard_files(manifest: Manifest, full: bool = False) -> list[str]:
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def plain_file_name(name) -> bool:
+    """A name that can only mean a file directly inside the shard set's folder: no folder part, not
+    absolute, not `.`/`..` (a manifest must never make a reader open `/etc/hostname` or `../x.tar`)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+            and Path(name).name == name)
+
+
+def _check_shard_entries(path: Path, shards) -> None:
+    if not isinstance(shards, list):
+        raise ShardFormatError(f"{path}: 'shards' must be a list")
+    seen: set[str] = set()
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict):
+            raise ShardFormatError(f"{path}: shard entry {i} is not an object")
+        for key, typ in SHARD_KEYS.items():
+            v = s.get(key)
+            if not isinstance(v, typ) or isinstance(v, bool) or (typ is int and v < 0):
+                raise ShardFormatError(f"{path}: shard entry {i}: {key} = {v!r} is not a valid {typ.__name__}")
+        for key in ("tar", "index"):
+            if not plain_file_name(s[key]):
+                raise ShardFormatError(f"{path}: shard entry {i}: {key} {s[key]!r} is not a plain file name inside "
+                                       f"{path.parent} (refusing a path that leaves the shard set)")
+            if s[key] in seen:
+                raise ShardFormatError(f"{path}: shard entry {i}: {s[key]!r} is listed twice")
+            seen.add(s[key])
+
+
+def unlisted_files(manifest: Manifest) -> list[Path]:
+    """Tar and index files in the shard set's folder that the manifest does not list (readers ignore them:
+    left over from another build, or copied in by hand). Temp files of an unfinished write are not listed."""
+    listed = {s[k] for s in manifest.shards for k in ("tar", "index")}
+    return sorted(p for p in manifest.root.iterdir()
+                  if p.suffix in (".tar", ".idx") and p.name not in listed and p.is_file())
+
+
+def check_shard_files(manifest: Manifest, full: bool = False, threads: int = HASH_THREADS) -> list[str]:
     """Problems with the shard files on disk, one message per problem (empty list = fine).
 
-    Cheap by default (presence and byte sizes: enough to keep truncated tars away from DALI);
-    `full=True` also compares sha256 of every tar and index (reads everything)."""
-    problems = []
+    Cheap with full=False (presence and byte sizes: enough to keep truncated tars away from DALI);
+    `full=True` also compares the sha256 of every tar and index with the manifest (reads everything,
+    in up to `threads` threads: hashing runs outside the GIL, so threads use every core and disk)."""
+    problems, to_hash = [], []
     for s in manifest.shards:
         for name, size_key, sha_key in ((s["tar"], "bytes", "sha256"), (s["index"], "index_bytes", "index_sha256")):
             p = manifest.root / name
@@ -297,9 +359,46 @@ def check_shard_files(manifest: Manifest, full: bool = False) -> list[str]:
             size = p.stat().st_size
             if size != s[size_key]:
                 problems.append(f"{p}: {size} bytes, manifest says {s[size_key]} (truncated or replaced)")
-            elif full and sha256_file(p) != s[sha_key]:
-                problems.append(f"{p}: sha256 differs from the manifest (corrupt or replaced)")
+            elif full:
+                to_hash.append((p, s[sha_key]))
+    if to_hash:
+        with ThreadPoolExecutor(max(1, min(threads, len(to_hash)))) as pool:
+            digests = list(pool.map(sha256_file, [p for p, _ in to_hash]))
+        problems += [f"{p}: sha256 differs from the manifest (corrupt or replaced)"
+                     for (p, want), got in zip(to_hash, digests) if got != want]
     return problems
+
+
+def gather_label_components(tar_path: str | os.PathLike, offsets) -> "np.ndarray":
+    """int64 labels read at the given byte offsets of a tar (the `label.i64` components, from its index).
+
+    One mmap and a vectorized gather: a shard's labels can be checked before anything trains on them."""
+    import numpy as np
+
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if offsets.size == 0:
+        return np.zeros(0, np.int64)
+    with open(tar_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        data = np.frombuffer(mm, np.uint8)
+        try:
+            raw = data[offsets[:, None] + np.arange(8)]
+        finally:
+            del data  # the view must go before the mmap closes
+    return raw.view("<i8").reshape(-1).astype(np.int64)
+
+
+def unsafe_member(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member has no place in a shard (None = a regular file with a plain relative name)."""
+    parts = member.name.replace("\\", "/").split("/")
+    if member.name.startswith(("/", "\\")) or ".." in parts:
+        return "a name that leaves the extraction folder"
+    if member.issym() or member.islnk():
+        return "a link"
+    if member.isdev():
+        return "a device file"
+    if not member.isfile():
+        return "not a regular file"
+    return None
 
 
 def iter_tar_samples(tar_path: str | os.PathLike):

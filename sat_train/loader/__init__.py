@@ -109,7 +109,7 @@ def _resolve_rank(rank, world_size) -> tuple[int, int]:
 def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto", augment: bool | None = None,
                 crop_padding: int = 4, flip: bool = True, seed: int = 0, drop_last: bool | None = None,
                 rank: int | None = None, world_size: int | None = None, device=None, num_workers: int = 2,
-                verify: str = "size", with_keys: bool = False, decode: str = "auto",
+                verify: str = "sha256", with_keys: bool = False, decode: str = "auto",
                 memory_fraction: float = 0.5) -> Loader:
     """Loader over the shard set in `shard_dir` (a folder with manifest.json).
 
@@ -136,7 +136,9 @@ def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 
-    shard_set = open_shard_set(shard_dir, verify)
+    shard_set = open_shard_set(shard_dir, verify)  # verify: "sha256" (every byte) | "size" (see safety.py)
+    for warning in shard_set.warnings if rank == 0 else ():
+        print(f"loader: warning: {warning}", file=sys.stderr)
     layout = Layout(shard_set.shard_sizes, int(batch_size), rank, world_size, shuffle=train, drop_last=drop_last)
     layout.check(str(shard_set.manifest.root))
 

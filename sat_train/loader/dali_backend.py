@@ -115,7 +115,7 @@ class _PlanSource:
             saliency[i] = frombuffer(data, u8, ssz, so)
             labels[i] = int.from_bytes(data[lo:lo + 8], "little", signed=True)
             keys.append(key)
-        self.pending.append((labels, keys if self.with_keys else None))
+        self.pending.append((labels, keys if self.with_keys else None, batch))
         out = [images, saliency]
         if self.augment:
             p = self.padding
@@ -137,6 +137,24 @@ class _PlanSource:
         if len(data) != length:
             raise LoaderError(f"{self.tars[shard]}: ends before sample {key!r} (truncated after the set was opened?)")
         return data
+
+    def find_undecodable(self, batches) -> str | None:
+        """'TAR: sample KEY: COMPONENT does not decode' for the first sample of `batches` that OpenCV cannot
+        decode to the manifest's shape. DALI's decode errors name no sample (nvImageCodec's '#4' is a
+        status code), so after one the batches DALI held are decoded again here to find the culprit."""
+        import cv2
+
+        for batch in batches:
+            for shard, ordinal in batch:
+                start, length, io, isz, so, ssz, _lo, key = self._where(shard)[ordinal]
+                data = self._read(shard, start, length, key)
+                parts = [(SALIENCY_EXT, data[so:so + ssz])]
+                if self.fmt != "raw":
+                    parts.insert(0, (self.fmt, data[io:io + isz]))
+                for ext, blob in parts:
+                    if cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_UNCHANGED) is None:
+                        return f"{self.tars[shard]}: sample {key!r}: {ext} does not decode"
+        return None
 
     def close(self) -> None:
         for fd in self.files.values():
@@ -218,13 +236,20 @@ class DaliLoader(Loader):
                 self._iter.reset()
             pending = self._source.pending
             for out in self._iter:
-                labels, keys = pending.popleft()
+                labels, keys, _ = pending.popleft()
                 yield out[0]["x"], out[0]["s"], torch.from_numpy(labels), keys
             self._mid_epoch = False
         except LoaderError:
             self.close()
             raise
         except RuntimeError as e:  # DALI reports decode/read failures as RuntimeError with a long trace
+            cause = _dali_cause(str(e))
+            try:
+                culprit = self._source.find_undecodable([b for *_, b in self._source.pending]) if self._source else None
+            except LoaderError as found:  # the re-read itself failed: that names the sample too
+                culprit = str(found)
             self.close()
-            raise LoaderError(f"DALI failed reading {self.manifest.root}: {_dali_cause(str(e))} "
-                              f"(find the sample with backend='torch', or check files with verify='sha256')") from None
+            if culprit:
+                raise LoaderError(f"{culprit} (DALI: {cause})") from None
+            raise LoaderError(f"DALI failed reading {self.manifest.root}: {cause} (preprocess verify "
+                              f"{self.manifest.root} checks every sample)") from None

@@ -82,7 +82,7 @@ class _PlanDataset(IterableDataset):
                     lacking = [e for e in exts if e not in sample]
                     if lacking:  # the index has them (checked at open), so the tar is damaged
                         raise LoaderError(f"{tar}: sample {sample['__key__']!r} lacks {', '.join(lacking)} in the "
-                                          f"tar (damaged? try verify='sha256')")
+                                          f"tar (damaged after the check at start? preprocess verify names every problem)")
                     found[i] = (sample["__key__"], sample)
                     left -= 1
                     if left == 0:
@@ -91,7 +91,8 @@ class _PlanDataset(IterableDataset):
             raise LoaderError(f"{tar}: damaged tar ({e})") from None
         if left:
             missing = next(k for k, i in want.items() if found[i] is None)
-            raise LoaderError(f"{tar}: sample {missing!r} from the index is not in the tar (replaced? try verify='sha256')")
+            raise LoaderError(f"{tar}: sample {missing!r} from the index is not in the tar (replaced after the check at "
+                              f"start? preprocess verify names every problem)")
         return found
 
     def _decode(self, chunk, rng):

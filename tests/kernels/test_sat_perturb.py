@@ -131,6 +131,17 @@ TRITON_SCRIPT = textwrap.dedent(r"""
     assert torch.allclose(noise, torch.where(noise < 0.5, 0.5 - eps, 0.5 + eps))
     assert abs((noise < 0.5).float().mean().item() - 0.5) < 0.03
     assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean().item() - 0.5) < 0.02
+    # launch settings never change the draws: part of a group per program, several groups, int64 offsets
+    import kernels.sat_perturb_triton as kt
+    x = torch.rand(1, 3, 50, 50, generator=torch.Generator().manual_seed(4))  # 2500 px: groups of 2048
+    s = torch.rand(1, 1, 50, 50, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    want = kt.sat_perturb_triton(x, s, eps, 0.4, 9, per_pixel=True, return_draws=True)
+    for cfg in (kt.KernelConfig(64, 2, True), kt.KernelConfig(1024, 8, False), "int64"):
+        if cfg == "int64":
+            kt.INT32_LIMIT, cfg = 0, None
+        got = kt.sat_perturb_triton(x, s, eps, 0.4, 9, per_pixel=True, return_draws=True, config=cfg)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), cfg
+    assert kt.DEFAULT_CONFIG in kt.CANDIDATES and len(kt.CANDIDATES) > 10
     print("TRITON-INTERPRET-OK")
 """)
 

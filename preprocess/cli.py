@@ -18,6 +18,7 @@ COMMANDS = {
     "info": ("preprocess.info", "print a shard set's manifest in a readable form"),
     "finalize": ("preprocess.finalize", "write the manifest of a multi-node build once every node is done"),
     "preview": ("preprocess.preview", "a PNG grid of samples: image, saliency heat map, overlay"),
+    "shuffle-saliency": ("preprocess.shuffle_saliency", "the `shuffled` control: each image gets another image's map"),
 }
 
 

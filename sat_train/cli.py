@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("sat_train.evaluate", "robustness of a trained run on evaluation shards"),
     "compare": ("sat_train.compare", "markdown table and plots over several runs"),
     "experiment": ("sat_train.experiment", "run a grid of fits, evaluate and compare them"),
+    "teacher-saliency": ("sat_train.teacher", "a shard set whose saliency maps come from a trained teacher model"),
 }
 
 

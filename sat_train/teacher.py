@@ -1,0 +1,179 @@
+"""`sat-train teacher-saliency`: a shard set whose saliency maps come from a trained model, computed once.
+
+    sat-train teacher-saliency shards/fashion-mnist/train --teacher runs/standard \\
+        --out shards/fashion-mnist-teacher/train                              # grad-sign, true label
+    sat-train teacher-saliency IN --teacher RUN --explainer gradcam++ --target pred --out OUT
+    sat-train fit --shards shards/fashion-mnist-teacher/train --method sat --run runs/sat-teacher
+
+The paper's CIFAR setting (Mangla et al. 2020): a teacher trained normally or adversarially gives
+each image its map. The reference code recomputes every map in every epoch, one image per
+forward/backward; here every batch is one forward/backward and the maps are stored once, in a
+complete new shard set (same samples, keys, labels and image bytes as IN; see shards/derive.py),
+which `fit --method sat`, `experiment` ([experiment.saliency] teacher = "OUT") and `preprocess
+verify/info/preview` read like any other. Explainers, conventions and the exact 8-bit ranges are
+documented in sat_train/explain.py.
+
+Default explainer: grad-sign, the sign of the plain input gradient. The paper says guided backprop,
+but its code's guided backprop only rewires nn.ReLU modules while its networks call F.relu, so every
+published number was made with grad-sign maps; `--explainer guided-backprop` gives the real one.
+
+Resumable: rerun the same command after an interruption; finished shards are checked (sha256) and
+kept. The manifest records the explainer and all its parameters, the teacher checkpoint's sha256 and
+the input set's fingerprint. Bad input (a teacher whose classes, channels or image size do not fit
+IN, a missing or damaged checkpoint, a damaged IN) stops with one line naming the file, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+from shards.derive import Batch, Derivation, DeriveError, decode_images, derive, encode_saliency, open_input
+from shards.format import LABEL_EXT, MANIFEST_NAME, Manifest, ShardFormatError, decode_label, read_manifest, sha256_file
+from sat_train.checkpoint import CheckpointError, load_model
+from sat_train.config import ConfigError
+from sat_train.explain import (CHANNEL_MODES, DEFAULT_NORMALIZE, EXPLAINERS, NORMALIZATIONS, RANGES, TARGETS,
+                               ExplainConfig, ExplainError, explain)
+
+DERIVATION = "teacher-saliency"
+
+
+def check_teacher_fits(ckpt: dict, manifest: Manifest) -> None:
+    """The teacher must have been trained for this set's classes, channels and image size."""
+    spec, image, path = ckpt["model_spec"], manifest.image, ckpt["path"]
+    where = manifest.root / MANIFEST_NAME
+    if list(ckpt["classes"]) != list(manifest.classes):
+        raise CheckpointError(f"{path}: the teacher's {len(ckpt['classes'])} classes differ from the "
+                              f"{manifest.num_classes} classes of {where} (labels would mean other classes)")
+    if spec["in_channels"] != image["channels"]:
+        raise CheckpointError(f"{path}: the teacher takes {spec['in_channels']}-channel images, {where} holds "
+                              f"{image['channels']}-channel ones")
+    if spec["image_size"] != image["height"] or image["height"] != image["width"]:
+        raise CheckpointError(f"{path}: the teacher was trained on {spec['image_size']} px images, {where} holds "
+                              f"{image['width']}x{image['height']}")
+
+
+def _versions() -> dict:
+    out = {"torch": torch.__version__}
+    try:
+        out["captum"] = version("captum")
+    except PackageNotFoundError:
+        out["captum"] = None
+    return out
+
+
+def make_maps_fn(model, cfg: ExplainConfig, manifest: Manifest, device: torch.device):
+    """The derive callback: decode a batch, explain it in one pass, encode the maps."""
+    image, num_classes = manifest.image, manifest.num_classes
+
+    def make_maps(batch: Batch) -> list[dict]:
+        samples = batch.samples
+        pixels = decode_images(samples, image, batch.where)
+        x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        try:
+            labels = [decode_label(s[LABEL_EXT]) for s in samples]
+        except (KeyError, ShardFormatError) as e:
+            raise DeriveError(f"{batch.where}: a sample has no valid label ({e})") from None
+        bad = [s["__key__"] for s, y in zip(samples, labels) if not 0 <= y < num_classes]
+        if bad:
+            raise DeriveError(f"{batch.where}: sample {bad[0]!r} has a label outside 0..{num_classes - 1}")
+        y = torch.tensor(labels, dtype=torch.int64, device=device)
+        maps = explain(model, x, y, cfg, keys=[s["__key__"] for s in samples])
+        return [{"sal.png": png} for png in encode_saliency(maps)]
+
+    return make_maps
+
+
+def teacher_saliency(in_dir, teacher, out_dir, cfg: ExplainConfig, *, batch_size: int = 256, device: str = "auto",
+                     overwrite: bool = False, progress: bool = True, log=print) -> dict:
+    """Write the teacher shard set; returns its manifest. Raises DeriveError / CheckpointError / ExplainError."""
+    from sat_train.distributed import resolve_device
+
+    cfg.validate()
+    try:
+        read_manifest(in_dir)  # cheap checks first; open_input below reads every byte
+    except ShardFormatError as e:
+        raise DeriveError(str(e)) from None
+    dev = resolve_device(device)
+    model, ckpt = load_model(teacher, device=dev)
+    model.requires_grad_(False)  # input gradients only: no weight gradients are ever computed
+    manifest = open_input(in_dir)
+    check_teacher_fits(ckpt, manifest)
+    sha = sha256_file(ckpt["path"])
+    params = {**cfg.params(model), "teacher_sha256": sha}
+    n = cfg.normalization
+    saliency = {
+        "kind": "teacher", "explainer": cfg.explainer, "normalize": n, "range": RANGES[n],
+        "values": "{-1, 0, 1}" if n == "sign" else f"[{RANGES[n][0]:g}, {RANGES[n][1]:g}]",
+        "salient": 1.0, "background": RANGES[n][0], "sigma_frac": cfg.blur_sigma_frac, "params": params,
+        "teacher": {"run": str(Path(teacher).resolve()), "checkpoint": str(Path(ckpt["path"]).resolve()),
+                    "sha256": sha, "arch": ckpt["model_spec"]["arch"], "epochs": ckpt.get("epoch"),
+                    "method": (ckpt.get("config") or {}).get("method"),
+                    "eps": (ckpt.get("config") or {}).get("eps"),
+                    "shards_fingerprint": ckpt.get("shards_fingerprint")},
+    }
+    derivation = Derivation(DERIVATION, params, saliency,
+                            execution={"batch_size": batch_size, "device": str(dev), **_versions()})
+    return derive(in_dir, out_dir, derivation, make_maps_fn(model, cfg, manifest, dev), batch_size=batch_size,
+                  overwrite=overwrite, progress=progress, log=log, manifest=manifest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ExplainConfig()
+    ap = argparse.ArgumentParser(prog="sat-train teacher-saliency", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input", metavar="IN_SHARDS", help="input shard set (folder with manifest.json)")
+    ap.add_argument("--teacher", required=True, metavar="RUN",
+                    help="teacher run folder (its checkpoints/last.pt) or a checkpoint .pt file")
+    ap.add_argument("--out", required=True, metavar="OUT_SHARDS", help="output shard set folder")
+    ap.add_argument("--explainer", default=d.explainer, choices=EXPLAINERS,
+                    help=f"how maps are computed (default {d.explainer}: what the paper's code computes)")
+    ap.add_argument("--target", default=d.target, choices=TARGETS,
+                    help="class explained: the true label (default) or the teacher's prediction (the reference code)")
+    ap.add_argument("--normalize", default=d.normalize, choices=("auto",) + NORMALIZATIONS,
+                    help="per-image range: sign {-1,0,1}, minmax [0,1], symmetric [-1,1]; auto = the reference code's "
+                         "per explainer (" + ", ".join(f"{k} {v}" for k, v in DEFAULT_NORMALIZE.items()) + ")")
+    ap.add_argument("--channels", default=d.channels, choices=CHANNEL_MODES,
+                    help="colour attributions -> one map per pixel (the format stores one; the reference kept "
+                         "one per channel): sum (default), mean, max-abs")
+    ap.add_argument("--blur-sigma-frac", type=float, default=d.blur_sigma_frac,
+                    help="Gaussian blur of the normalized map, std as a fraction of the image side (default 0: none)")
+    ap.add_argument("--smoothgrad-samples", type=int, default=d.smoothgrad_samples, help="SmoothGrad: noisy copies (10)")
+    ap.add_argument("--smoothgrad-sigma", type=float, default=d.smoothgrad_sigma,
+                    help="SmoothGrad: noise std as a fraction of each image's value range (0.15)")
+    ap.add_argument("--ig-steps", type=int, default=d.ig_steps,
+                    help="Integrated Gradients: trapezoid intervals from the zero baseline (100)")
+    ap.add_argument("--cam-layer", default=d.cam_layer,
+                    help="Grad-CAM explainers: module name of the layer (default auto: the last block)")
+    ap.add_argument("--seed", type=int, default=d.seed, help="seed of SmoothGrad's noise (per sample key)")
+    ap.add_argument("--batch-size", type=int, default=256, help="images per forward/backward (default 256)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the teacher runs")
+    ap.add_argument("--overwrite", action="store_true", help="replace a different shard set already in OUT")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = ExplainConfig(explainer=args.explainer, target=args.target, normalize=args.normalize,
+                        channels=args.channels, blur_sigma_frac=args.blur_sigma_frac,
+                        smoothgrad_samples=args.smoothgrad_samples, smoothgrad_sigma=args.smoothgrad_sigma,
+                        ig_steps=args.ig_steps, cam_layer=args.cam_layer, seed=args.seed)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout stays clean)
+    try:
+        teacher_saliency(args.input, args.teacher, args.out, cfg, batch_size=args.batch_size, device=args.device,
+                         overwrite=args.overwrite, progress=not args.no_progress, log=log)
+    except (DeriveError, CheckpointError, ExplainError, ConfigError) as e:
+        print(f"sat-train teacher-saliency: error: {e}", file=sys.stderr)
+        return getattr(e, "code", 2)
+    except OSError as e:  # disk full, folder removed...: finished shards are kept
+        print(f"sat-train teacher-saliency: {e.filename or args.out}: {e.strerror or e}; finished shards are kept, "
+              "rerun the same command to resume", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sat-train teacher-saliency: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0

@@ -227,7 +227,11 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:  # the last writes fail too (disk full): no temp file left behind
+                self._abort()
+                raise
         else:
             self._abort()
 

@@ -58,7 +58,8 @@ def _add_field(group, name: str, default, help_: str) -> None:
                            help=f"{help_} (default: {default})")
     else:
         kind = type(default) if default is not None else str
-        group.add_argument(flag, dest=name, type=kind, default=None, help=f"{help_} (default: {default!r})")
+        shown = help_ if "(default:" in help_ else f"{help_} (default: {default!r})"  # a help that names its own
+        group.add_argument(flag, dest=name, type=kind, default=None, help=shown)
 
 
 def make_parser(source: str | None) -> argparse.ArgumentParser:

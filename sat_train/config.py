@@ -9,7 +9,8 @@ RUN/config.json. Semantics worth knowing:
 - lr is used as given whatever the world size (no implicit scaling): when you multiply the global
   batch, scale lr yourself (linear rule: lr * N) if you want the single-process dynamics.
 - epochs count passes over the shard set; under DDP each process sees 1/N of it per epoch.
-- p of SAT follows the curriculum p = 1 - sat_a ** (epoch / 10) (epoch from 0) unless sat_p is set.
+- p of SAT follows the curriculum p = 1 - sat_a ** (epoch / sat_tau) (epoch from 0; sat_tau = 10, the paper's,
+  made for 100 epochs) unless sat_p is set; sat_final_p = 0.9 solves sat_tau so the last epoch reaches p = 0.9.
 """
 from __future__ import annotations
 
@@ -50,8 +51,10 @@ class TrainConfig:
     # method
     method: str = "sat"
     eps: float = 8 / 255  # L-inf radius of every perturbation, in [0, 1] pixel units
-    sat_a: float = 0.6  # curriculum base: p = 1 - sat_a ** (epoch / 10)
+    sat_a: float = 0.6  # curriculum base: p = 1 - sat_a ** (epoch / sat_tau)
     sat_p: typing.Optional[float] = None  # fixed p instead of the curriculum
+    sat_tau: float = 10.0  # curriculum time scale: p = 1 - sat_a ** (epoch / sat_tau); 10 = the paper's (for 100 epochs)
+    sat_final_p: typing.Optional[float] = None  # instead of sat_tau: the p of the last epoch (tau solved from epochs)
     sat_per_pixel: bool = False  # Bernoulli per pixel (shared by channels) instead of per element
     mix_prob: float = 0.5  # sat+pgd / sat+trades: probability that a batch gets the SAT perturbation
     pgd_steps: int = 7
@@ -202,6 +205,10 @@ def validate(cfg: TrainConfig) -> None:
     need(0 <= cfg.eps <= 1 and cfg.lr > 0, "eps must be in [0, 1] and lr > 0")
     need(0 < cfg.sat_a <= 1, f"sat_a={cfg.sat_a} must be in (0, 1]")
     need(cfg.sat_p is None or 0 <= cfg.sat_p <= 1, f"sat_p={cfg.sat_p} must be in [0, 1]")
+    need(cfg.sat_tau > 0, f"sat_tau={cfg.sat_tau} must be > 0")
+    need(cfg.sat_final_p is None or (0 < cfg.sat_final_p < 1 and cfg.sat_a < 1 and cfg.epochs >= 2
+                                     and cfg.sat_tau == TrainConfig.sat_tau),
+         f"sat_final_p={cfg.sat_final_p} needs 0 < sat_final_p < 1, sat_a < 1, epochs >= 2 and no sat_tau of its own")
     need(0 <= cfg.mix_prob <= 1, f"mix_prob={cfg.mix_prob} must be in [0, 1]")
     need(cfg.pgd_steps >= 1 and cfg.trades_steps >= 1, "pgd_steps and trades_steps must be >= 1")
     need(all(0 < m < 1 for m in cfg.milestones), "milestones are fractions of training in (0, 1)")
@@ -250,4 +257,7 @@ def resume_values(explicit: dict, saved: dict) -> dict:
     if changed:
         raise ConfigError(f"--resume: cannot change {', '.join(changed)} of an existing run "
                           f"(only {', '.join(sorted(RESUMABLE_CHANGES - {'resume', 'overwrite'}))} may change)")
+    if "epochs" in explicit and explicit["epochs"] != saved.get("epochs") and saved.get("sat_final_p") is not None:
+        raise ConfigError(f"--resume: cannot change epochs of a run with sat_final_p (its SAT curriculum is laid out "
+                          f"over the planned epochs)")
     return {**saved, **explicit}

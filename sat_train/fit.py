@@ -40,7 +40,7 @@ from sat_train import distributed as D
 from sat_train.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from sat_train.config import ConfigError, TrainConfig, from_dict, load_saved, parse_argv, resume_values
 from sat_train.loader import LoaderError
-from sat_train.methods import Method, curriculum_p
+from sat_train.methods import Method, config_p, config_tau
 from sat_train.models import build_model, model_spec
 from sat_train.optim import make_optimizer, make_scheduler
 from shards.format import ShardFormatError, atomic_write_json
@@ -173,7 +173,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
     history = []
     last_epoch = cfg.epochs if not cfg.stop_after_epochs else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
     for epoch in range(start_epoch, last_epoch):
-        p = cfg.sat_p if cfg.sat_p is not None else curriculum_p(epoch, cfg.sat_a)
+        p = config_p(cfg, epoch)
         loader.set_epoch(epoch)
         gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, epoch, info.rank))
         coin = torch.Generator().manual_seed(_seed(cfg.seed, epoch, 1 << 20))  # same on every rank
@@ -288,7 +288,7 @@ def _summary(cfg, manifest, run, rows, info, epochs_done) -> dict:
             "data_source": mcfg.get("source"), "saliency_source": _saliency_kind(manifest), "epochs": epochs_done,
             "epochs_planned": cfg.epochs, "train_time_s": train_time, "images_per_s": images / train_time if train_time else 0.0,
             "final_loss": last.get("loss"), "final_train_acc": last.get("train_acc"), "final_input_acc": last.get("input_acc"),
-            "final_p": last.get("p"), "world_size": info.world_size, "device": str(info.device),
+            "final_p": last.get("p"), "sat_tau": config_tau(cfg), "world_size": info.world_size, "device": str(info.device),
             "shards_fingerprint": manifest.fingerprint, "satpipe_version": satpipe_version()}
 
 

@@ -4,7 +4,8 @@ All inputs are images in [0, 1] (normalization is inside the model), eps in pixe
 
 - standard    CE(f(x), y)
 - sat         CE(f(x'), y), x' = clamp(x - eps * (w S + (1 - w) r), 0, 1), w ~ Bernoulli(p) per element
-              (or per pixel), p = 1 - a^(epoch/10) (Mangla et al. 2020); fused kernel kernels.sat_perturb
+              (or per pixel), p = 1 - a^(epoch/tau), tau = 10 (Mangla et al. 2020) or solved from a final p
+              (curriculum_tau); fused kernel kernels.sat_perturb
 - pgd         CE(f(x_pgd), y), Madry et al. 2018: random start, `pgd_steps` steps of `pgd_alpha`
 - sat+pgd     per batch a coin with P(heads) = mix_prob: heads x', tails x_pgd (the paper's combination)
 - trades      CE(f(x), y) + beta * KL(f(x) || f(x_adv)) / N, inner max of the same KL (Zhang et al. 2019)
@@ -23,6 +24,7 @@ is local to each process and must not trigger DDP's gradient all-reduce.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +38,34 @@ ATTACK_BN_MODES = ("auto", "train", "eval")
 LITERATURE_BN = {"pgd": "train", "sat+pgd": "train", "fgsm-rs": "train", "trades": "eval", "sat+trades": "eval"}
 
 
-def curriculum_p(epoch: int, a: float = 0.6) -> float:
-    """SAT's probability of the saliency direction at `epoch` (counted from 0): p = 1 - a^(epoch/10)."""
-    return 1.0 - a ** (epoch / 10.0)
+PAPER_TAU = 10.0  # Mangla et al.: p = 1 - a^(epoch/10), made for 100 epochs (p reaches 0.99)
+
+
+def curriculum_p(epoch: int, a: float = 0.6, tau: float = PAPER_TAU) -> float:
+    """SAT's probability of the saliency direction at `epoch` (counted from 0): p = 1 - a^(epoch/tau)."""
+    return 1.0 - a ** (epoch / tau)
+
+
+def curriculum_tau(a: float, epochs: int, tau: float = PAPER_TAU, final_p: float | None = None) -> float:
+    """The tau a run uses: `tau` as given, or, when `final_p` is set, the tau whose last epoch
+    (epochs - 1) reaches exactly p = final_p, so the curriculum spans a run of any length:
+    a^((epochs - 1) / tau) = 1 - final_p  =>  tau = (epochs - 1) ln(a) / ln(1 - final_p)."""
+    if final_p is None:
+        return tau
+    if not 0 < final_p < 1 or not 0 < a < 1 or epochs < 2:
+        raise ValueError(f"final p {final_p} needs 0 < final_p < 1, 0 < a < 1 and >= 2 epochs "
+                         f"(a={a}, epochs={epochs})")
+    return (epochs - 1) * math.log(a) / math.log(1.0 - final_p)
+
+
+def config_tau(cfg) -> float:
+    """The curriculum tau a TrainConfig resolves to (sat_tau, or solved from sat_final_p and epochs)."""
+    return curriculum_tau(cfg.sat_a, cfg.epochs, cfg.sat_tau, cfg.sat_final_p)
+
+
+def config_p(cfg, epoch: int) -> float:
+    """SAT's p at `epoch` for a TrainConfig: the fixed sat_p, else the curriculum."""
+    return cfg.sat_p if cfg.sat_p is not None else curriculum_p(epoch, cfg.sat_a, config_tau(cfg))
 
 
 def kl_sum(logits_adv: torch.Tensor, probs_clean: torch.Tensor) -> torch.Tensor:

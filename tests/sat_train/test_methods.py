@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sat_train.methods import METHODS, Method, curriculum_p, kl_sum
+from sat_train.config import ConfigError, from_dict
+from sat_train.methods import METHODS, Method, config_p, config_tau, curriculum_p, curriculum_tau, kl_sum
 from sat_train.models import build_model
 
 EPS = 8 / 255
@@ -40,6 +41,31 @@ def test_curriculum_formula():
         assert curriculum_p(epoch) == pytest.approx(1 - 0.6 ** (epoch / 10))
     assert curriculum_p(10) == pytest.approx(0.4) and curriculum_p(10, a=0.5) == pytest.approx(0.5)
     assert all(curriculum_p(e) < curriculum_p(e + 1) < 1 for e in range(100))
+
+
+def test_curriculum_tau_option_and_final_p():
+    # p = 1 - a^(epoch/tau) for any tau; tau = 10 is the paper's and stays the default
+    for tau in (1.0, 2.5, 10.0, 40.0):
+        for epoch in range(12):
+            assert curriculum_p(epoch, 0.6, tau) == pytest.approx(1 - 0.6 ** (epoch / tau))
+    assert config_tau(from_dict({})) == 10.0 and config_p(from_dict({}), 10) == pytest.approx(0.4)
+    cfg = from_dict({"sat_tau": 2.0, "sat_a": 0.5, "epochs": 6})
+    assert [config_p(cfg, e) for e in range(6)] == pytest.approx([1 - 0.5 ** (e / 2) for e in range(6)])
+    # sat_final_p solves tau so the last epoch (epochs - 1) reaches it, whatever the run length
+    for epochs in (2, 6, 30, 100):
+        for final in (0.25, 0.6, 0.9):
+            cfg = from_dict({"epochs": epochs, "sat_final_p": final})
+            tau = curriculum_tau(0.6, epochs, final_p=final)
+            assert config_tau(cfg) == tau
+            assert config_p(cfg, epochs - 1) == pytest.approx(final)
+            assert [config_p(cfg, e) for e in range(epochs)] == pytest.approx(
+                [1 - 0.6 ** (e / tau) for e in range(epochs)])
+    assert curriculum_tau(0.6, 100, final_p=1 - 0.6 ** 9.9) == pytest.approx(10.0)  # the paper's 100 epochs
+    assert config_p(from_dict({"epochs": 6, "sat_final_p": 0.9, "sat_p": 0.3}), 5) == 0.3  # a fixed p wins
+    for bad in ({"epochs": 1, "sat_final_p": 0.9}, {"sat_final_p": 1.0}, {"sat_final_p": 0.0},
+                {"sat_final_p": 0.5, "sat_tau": 3.0}, {"sat_final_p": 0.5, "sat_a": 1.0}, {"sat_tau": 0.0}):
+        with pytest.raises(ConfigError, match="sat_"):
+            from_dict(bad)
 
 
 def test_sat_p1_is_saliency_step_p0_is_sign_noise():
@@ -142,3 +168,19 @@ def test_channels_last_changes_layout_not_results(name):
         seen = model.calls[-1][0]
         assert seen.is_contiguous(memory_format=torch.channels_last) or not cl
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_fit_follows_and_records_the_final_p_curriculum(tiny_shards, tmp_path):
+    import json
+
+    from sat_train.fit import fit
+
+    cfg = from_dict(dict(shards=str(tiny_shards(num_samples=32, per_shard=16)), run=str(tmp_path / "run"),
+                         arch="tiny-cnn", epochs=3, batch_size=16, limit_batches=1, loader_backend="torch",
+                         num_workers=0, progress=False, method="sat", sat_final_p=0.9))
+    summary = fit(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    tau = curriculum_tau(0.6, 3, final_p=0.9)
+    assert [r["p"] for r in rows] == pytest.approx([0.0, 1 - 0.6 ** (1 / tau), 0.9])
+    assert summary["final_p"] == pytest.approx(0.9) and summary["sat_tau"] == pytest.approx(tau)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sat_final_p"] == 0.9

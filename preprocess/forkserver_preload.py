@@ -5,8 +5,10 @@ process reads the annotations, so on a 2-core machine it costs no wall time."""
 import sys
 
 # Numba imports scipy.linalg (0.15 s, on this process's critical path) at its first compile or cache
-# load, only to offer BLAS (np.dot, np.linalg) in nopython code; no build kernel uses BLAS.
-if "scipy" not in sys.modules:
+# load, only to offer BLAS (np.dot, np.linalg) in nopython code; no build kernel uses BLAS. scipy is
+# hidden during the warm-up only: the workers forked from here import whatever user code needs.
+_hide_scipy = "scipy" not in sys.modules
+if _hide_scipy:
     sys.modules["scipy"] = None  # makes `import scipy...` raise ImportError: Numba then skips BLAS
 
 import cv2  # noqa: E402
@@ -20,6 +22,16 @@ try:
     warm_up()
 except Exception:  # only a head start: a worker that is not warm warms up in its first shard
     pass
+finally:
+    if _hide_scipy and sys.modules.get("scipy", 0) is None:
+        del sys.modules["scipy"]  # a user's source may import scipy (issue 15)
+        # Numba's one-time check ("is BLAS there?") ran while scipy was hidden; give it the answer it
+        # would have found (np.dot & co. import scipy when first compiled, so this imports nothing)
+        _arraymath = sys.modules.get("numba.np.arraymath")
+        if _arraymath is not None:
+            import importlib.util
+
+            _arraymath._HAVE_BLAS = importlib.util.find_spec("scipy") is not None
 
 
 def _in_forkserver() -> bool:

@@ -228,3 +228,14 @@ def test_workers_requested_reads_the_command_line():
     assert workers_requested(["coco", "--workers=3"]) == 3
     assert workers_requested(["coco", "--size", "32"]) == 0
     assert workers_requested(["coco", "--workers", "two"]) == 0 and workers_requested(["coco", "--workers"]) == 0
+
+
+def test_help_names_each_default_once():
+    """`--out` says its default in words; the generated `(default: '')` must not follow it (issue 15)."""
+    from preprocess.build_cli import make_parser
+
+    ap = make_parser("coco")
+    text = " ".join(ap.format_help().split())  # argparse wraps lines
+    assert "output folder (default: shards/SOURCE/SPLIT) --workers" in text
+    for action in ap._actions:
+        assert (action.help or "").count("(default:") <= 1, action.option_strings

@@ -134,7 +134,7 @@ def _ints(text: str) -> list:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="sat-train eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("run", help="run folder written by `sat-train fit` (holds checkpoints/last.pt)")
     p.add_argument("--shards", required=True, help="evaluation shard set (folder with manifest.json)")
     p.add_argument("--config", help="TOML file of EvalConfig fields (top level or an [eval] table)")
@@ -241,6 +241,12 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _file_sha256(path) -> str:
+    from shards.format import sha256_file
+
+    return sha256_file(path)
+
+
 def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tuple[dict, Path]:
     """Library entry point: run the suite, write the JSON, return (results, path). Raises EvalError."""
     from shards.format import ShardFormatError, atomic_write_json, check_shard_files, read_manifest
@@ -292,7 +298,8 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
     results = {
         "results_version": RESULTS_VERSION, "run": str(run_dir), "shards": str(shard_dir),
         "shards_fingerprint": manifest.fingerprint, "classes": manifest.classes,
-        "checkpoint": {"path": ckpt.get("path"), "epoch": ckpt.get("epoch"), "model_spec": ckpt["model_spec"]},
+        "checkpoint": {"path": ckpt.get("path"), "epoch": ckpt.get("epoch"), "model_spec": ckpt["model_spec"],
+                       "sha256": _file_sha256(ckpt["path"])},  # `sat-train experiment` reuses evals of this checkpoint only
         "config": dataclasses.asdict(cfg), "device": str(device), "n": rows[0]["n"],
         "clean_accuracy": rows[0]["accuracy"], "rows": rows, "sanity": {"passed": not warnings, "warnings": warnings},
         "notes": notes, "total_time_s": round(time.perf_counter() - t0, 3),

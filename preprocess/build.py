@@ -23,8 +23,8 @@ from tqdm import tqdm
 from shards.format import ShardFormatError, atomic_write_json, sanitize_key
 from preprocess.config import BuildConfig
 from preprocess.finalize import MAX_EXAMPLES, merge_counts, summary_line, write_manifest
-from preprocess.plan import (BuildError, ShardPlan, digest_of, make_plan, plan_digest, prepare_output,
-                             remove_stale_temps, shard_done, state_dir)
+from preprocess.plan import (BuildError, ShardPlan, digest_of, input_stamps, layout_digest, make_plan, plan_digest,
+                             prepare_output, remove_stale_temps, shard_done, state_dir)
 from preprocess.sources import Skip, SourceError, get_source_class
 from preprocess.tar_fast import FastShardWriter
 from preprocess.workers import PoolStarter
@@ -72,15 +72,19 @@ def build_shard(task: tuple[Job, ShardPlan]) -> tuple[str, dict]:
     counts = {"read": 0, "written": 0, "skipped": {}}
     examples: dict = {}
     samples, keys = [], set()
+    stamps = input_stamps(source, shard.items)  # before reading: a file that changes meanwhile shows later
+    skipped_items = set()  # items with a sample skipped: their files may be fixed before a re-run
     for item in shard.items:
         for r in source.load(item):
             if isinstance(r, Skip):
                 _record(counts, examples, r)
+                skipped_items.add(item.id)
                 continue
             try:
                 sample = make_sample(r, job.kind, cfg)
             except (ValueError, cv2.error) as e:
                 _record(counts, examples, Skip(item.id, "processing error", str(e).splitlines()[0][:200]))
+                skipped_items.add(item.id)
                 continue
             key, n = sample["__key__"], 1
             while key in keys:  # two source ids that sanitize alike (a.jpg / a.png): keep both
@@ -98,7 +102,8 @@ def build_shard(task: tuple[Job, ShardPlan]) -> tuple[str, dict]:
             for i in order:
                 w.write(samples[int(i)])
         info = w.info.to_dict()
-    side = {"plan": job.plan, "shard": info, "counts": counts, "examples": examples}
+    inputs = None if stamps is None else {"stamps": stamps, "skipped": sorted(skipped_items)}
+    side = {"plan": job.plan, "shard": info, "counts": counts, "examples": examples, "inputs": inputs}
     atomic_write_json(state_dir(out) / f"{shard.name}.json", side)
     return shard.name, side
 
@@ -119,7 +124,7 @@ def _header(cfg: BuildConfig, source, kind: str, shards: list[ShardPlan], plan_s
         "image": {"format": cfg.image_format, "height": cfg.size, "width": cfg.size, "channels": source.channels},
         "saliency": {"kind": kind, "sigma_frac": cfg.sigma_frac, "encoding": "uint8 = round((s + 1) * 127.5)",
                      "salient": 1.0, "background": -1.0},
-        "shard_names": [s.name for s in shards],
+        "shard_names": [s.name for s in shards], "layout": layout_digest(shards),
         "plan_skips": counts, "plan_examples": examples,
     }
 
@@ -166,7 +171,9 @@ def _build(cfg: BuildConfig, log, starter) -> dict | None:
         raise BuildError(f"{cfg.annotations or cfg.root or cfg.source}: empty dataset, nothing to build{why}")
     shards = make_plan(items, cfg.split, cfg.shard_size, cfg.seed)
     header = _header(cfg, source, kind, shards, plan_skips)
-    prepare_output(out, header, cfg.overwrite)
+    note = prepare_output(out, header, cfg.overwrite, source, shards)
+    if note:
+        log(note)
 
     mine = [s for s in shards if s.index % cfg.num_nodes == cfg.node_rank]
     sides: dict[str, dict] = {}

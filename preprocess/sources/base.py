@@ -20,6 +20,10 @@ A source does three cheap things up front and one expensive thing per work item:
    A path built from annotation data (a file name in a JSON/XML/text file) is first checked with
    `path_problem(name)` while planning, so `../../x` or `/etc/passwd` is a counted skip ("path
    outside root") and is never opened, not even stat'ed for the fingerprint.
+6. `item_files(item)` (optional) -> the files `load(item)` reads; with `item_file_keys`, the
+   fingerprint keys that summarize only those files (names and sizes), a rerun after the user fixed
+   files that had been skipped (an empty image...) rebuilds only the shards of those items instead
+   of needing --overwrite (preprocess/plan.py, `carry_over`). Keep both complete or leave them unset.
 
 The shared pipeline (`preprocess/pipeline.py`) then crops with `RawSample.window`, resizes, renders
 saliency (`--saliency mask|box|foreground|none`) and encodes. A source never resizes or blurs.
@@ -150,6 +154,8 @@ class Source:
     # attributes holding big, lazily (re)loaded state (parsed JSON, pixel arrays): left out of the
     # pickle that carries the source to each worker, which reloads them on first use if it needs them
     not_pickled: tuple[str, ...] = ()
+    # fingerprint() keys that summarize only the files item_files() names (see 6. above)
+    item_file_keys: tuple[str, ...] = ()
 
     @dataclass
     class Options:
@@ -196,6 +202,10 @@ class Source:
     def path_problem(self, name: object) -> str | None:
         """`path_problem` with this build's --allow-outside-root."""
         return path_problem(name, self.cfg.allow_outside_root)
+
+    def item_files(self, item: WorkItem) -> list[Path] | None:
+        """Every file `load(item)` reads, or None when the source cannot say (see 6. above)."""
+        return None
 
     def fingerprint(self) -> dict:
         raise SourceError(f"source {self.name!r} has no input fingerprint")

@@ -110,6 +110,7 @@ class ClassFolderSource(Source):
     name = "class-folders"
     channels = 3
     units = ("image",)
+    item_file_keys = ("image_list_sha256",)
     config_defaults = {"unit": "image"}  # for flags the user did not give
 
     @dataclass
@@ -146,6 +147,9 @@ class ClassFolderSource(Source):
         items = [WorkItem(os.path.relpath(p, self.folder), 1, (os.path.relpath(p, self.folder), label))
                  for p, label in files]
         return items, skips_from(skipped)
+
+    def item_files(self, item: WorkItem) -> list[Path]:
+        return [self.folder / item.data[0]]
 
     def load(self, item: WorkItem):
         rel, label = item.data

@@ -212,6 +212,7 @@ class MaskFolderSource(Source):
     has_masks = True
     has_boxes = True
     units = ("image",)
+    item_file_keys = ("image_list_sha256", "mask_list_sha256")
     config_defaults = {"unit": "image"}  # for flags the user did not give
 
     @dataclass
@@ -252,6 +253,9 @@ class MaskFolderSource(Source):
     def items(self) -> tuple[list[WorkItem], list[Skip]]:
         items = [WorkItem(r.stem, 1, (str(r.image), str(r.mask), r.label)) for r in self._split.records]
         return items, skips_from(self._split.skipped)
+
+    def item_files(self, item: WorkItem) -> list[Path]:
+        return [Path(item.data[0]), Path(item.data[1])]
 
     def load(self, item: WorkItem):
         image_path, mask_path, label = item.data

@@ -216,6 +216,7 @@ class TinyImageNetSource(Source):
     channels = 3
     has_boxes = True
     units = ("image", "object")
+    item_file_keys = ("image_list_sha256",)
     config_defaults = {"unit": "image", "size": 64}  # for flags the user did not give
 
     def __init__(self, cfg):
@@ -247,6 +248,9 @@ class TinyImageNetSource(Source):
             n = len(r.boxes) if self.cfg.unit == "object" else 1
             items.append(WorkItem(rel, n, (rel, r.label, r.wnid, [list(b) for b in r.boxes])))
         return items, skips_from(sp.skipped)
+
+    def item_files(self, item: WorkItem) -> list[Path]:
+        return [self.root / item.data[0]]
 
     def load(self, item: WorkItem):
         rel, label, wnid, boxes = item.data

@@ -216,6 +216,7 @@ class VocSource(Source):
     has_masks = True
     has_boxes = True
     units = ("object", "image")
+    item_file_keys = ("images_sha256", "masks_sha256")
 
     @dataclass
     class Options:
@@ -384,6 +385,11 @@ class VocSource(Source):
         keep = np.zeros_like(m)
         keep[y0:y1, x0:x1] = m[y0:y1, x0:x1]
         return keep
+
+    def item_files(self, item: WorkItem) -> list[Path]:
+        image_id, rel = item.data[:2]
+        masks = [] if self.layout.flat else [self.root / d / f"{image_id}.png" for d in ("SegmentationObject", "SegmentationClass")]
+        return [self.root / rel] + masks
 
     def load(self, item: WorkItem):
         image_id, rel, filename, w, h, objs = item.data

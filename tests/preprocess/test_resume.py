@@ -93,3 +93,57 @@ def test_three_nodes_then_finalize_is_byte_identical(dataset, tmp_path):
     missing.unlink()
     fin = subprocess.run(cli("finalize", out), capture_output=True, text=True)
     assert fin.returncode == 1 and missing.name in fin.stderr
+
+
+# ----------------------------------------------------------------------------- inputs fixed after a skip
+
+def _build_in_process(root: Path, out: Path, logs: list | None = None) -> dict:
+    from preprocess.build import build
+    from preprocess.config import BuildConfig
+
+    cfg = BuildConfig(source="coco", annotations=str(root / "ann.json"), images=str(root / "images"), size=32,
+                      shard_size=2, out=str(out), progress=False)
+    return build(cfg, log=(logs.append if logs is not None else lambda *_: None))
+
+
+@pytest.fixture()
+def broken_coco(tmp_path):
+    """6 images x 2 objects, 2 objects per shard; one image an empty file (a counted skip)."""
+    root = tmp_path / "coco"
+    make_coco(root, num_images=6, objects=2)
+    good = (root / "images" / "img_0003.jpg").read_bytes()
+    (root / "images" / "img_0003.jpg").write_bytes(b"")
+    return root, good
+
+
+def test_fixed_skipped_image_resumes_without_overwrite(broken_coco, tmp_path):
+    root, good = broken_coco
+    out = tmp_path / "out"
+    m = _build_in_process(root, out)
+    assert m["counts"]["skipped"].get("empty image") == 2
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    (root / "images" / "img_0003.jpg").write_bytes(good)  # the user fixes the image
+    logs: list = []
+    m = _build_in_process(root, out, logs)  # no --overwrite
+    assert "empty image" not in m["counts"]["skipped"] and m["counts"]["written"] == 12
+    assert any("inputs changed only in files of items skipped before" in line for line in logs), logs
+    fresh = tmp_path / "fresh"
+    _build_in_process(root, fresh)
+    assert outputs(out) == outputs(fresh)  # as a fresh build of the fixed inputs, manifest included
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    rebuilt = {n for n in after if before.get(n) != after[n]}
+    assert 1 <= len(rebuilt) <= 2 and len(after) == 6  # only the shard(s) holding that image's objects
+
+
+def test_fixed_skipped_image_with_another_image_changed_refuses(broken_coco, tmp_path):
+    root, good = broken_coco
+    out = tmp_path / "out"
+    _build_in_process(root, out)
+    (root / "images" / "img_0003.jpg").write_bytes(good)
+    other = root / "images" / "img_0001.jpg"
+    other.write_bytes(other.read_bytes() + b"\0")  # a built image changed too
+    from preprocess.plan import BuildError
+
+    with pytest.raises(BuildError, match=r"1 item\(s\) that had been built changed \(e\.g\. .*img_0001\.jpg\).*--overwrite"):
+        _build_in_process(root, out)
+    assert (out / "manifest.json").is_file()  # the refused re-run changed nothing

@@ -39,6 +39,7 @@ the budget is refused with a LoaderError naming both numbers.
 from __future__ import annotations
 
 import os
+import sys
 
 import numba
 import numpy as np
@@ -192,7 +193,8 @@ class DeviceLoader(Loader):
         if not fits:  # before any decoding
             raise LoaderError(f"{self.manifest.root}: too large for the device loader: {text}; use --loader-backend "
                               f"dali or torch, or raise --loader-memory-fraction")
-        self.memory_text = text
+        if self.layout.rank == 0:
+            print(f"loader: device backend on {self.device}: {text}", file=sys.stderr)
         self.channels = self.manifest.image["channels"]
         self.pixels, self.labels, self.keys = _decode_all(self)
         sizes = self.shard_set.shard_sizes

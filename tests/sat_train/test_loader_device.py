@@ -76,13 +76,13 @@ def test_a_set_over_the_budget_is_refused_before_decoding(tiny_shards):
 
 def test_abandoned_pass_and_a_fresh_loader_give_the_same_epoch(tiny_shards):
     root = tiny_shards(num_samples=70, per_shard=16)
-    a = make_loader(root, 8, train=True, backend="device", device="cpu", with_keys=True)
+    a = make_loader(root, 8, train=True, backend="device", device="cpu", with_keys=True, num_workers=0)
     batches(a, 0)
     a.set_epoch(1)
     for i, _ in enumerate(a):  # a pass given up half way (an exception, a limit_batches run)
         if i == 2:
             break
-    fresh = make_loader(root, 8, train=True, backend="device", device="cpu", with_keys=True)
+    fresh = make_loader(root, 8, train=True, backend="device", device="cpu", with_keys=True, num_workers=0)
     same(batches(a, 2), batches(fresh, 2))
 
 

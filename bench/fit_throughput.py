@@ -62,6 +62,7 @@ def compute_only(cfg, info, image, num_classes: int, steps: int, epochs: int) ->
     """Images/s of fit's own epoch loop on resident batches (set up as sat_train.fit._fit does)."""
     device = info.device
     torch.manual_seed(cfg.seed)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as fit sets it (round 1 runs before any fit)
     bare = build_model(**model_spec(cfg.arch, num_classes, image["channels"], image["height"])).to(device)
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:

@@ -58,7 +58,7 @@ def build_shard(task: tuple[Job, ShardPlan]) -> tuple[str, dict]:
     """Load, render and write one shard; returns (name, sidecar). Runs in a worker (or inline)."""
     import cv2
 
-    from preprocess.pipeline import make_sample
+    from preprocess.pipeline import kind_used, make_sample
 
     job, shard = task
     # one Job per process and build: a source's lazily loaded state (e.g. a decompressed IDX array)
@@ -72,6 +72,7 @@ def build_shard(task: tuple[Job, ShardPlan]) -> tuple[str, dict]:
     counts = {"read": 0, "written": 0, "skipped": {}}
     examples: dict = {}
     samples, keys = [], set()
+    kinds: dict[str, int] = {}  # samples per saliency kind really drawn (pipeline.kind_used)
     stamps = input_stamps(source, shard.items)  # before reading: a file that changes meanwhile shows later
     skipped_items = set()  # items with a sample skipped: their files may be fixed before a re-run
     for item in shard.items:
@@ -86,6 +87,8 @@ def build_shard(task: tuple[Job, ShardPlan]) -> tuple[str, dict]:
                 _record(counts, examples, Skip(item.id, "processing error", str(e).splitlines()[0][:200]))
                 skipped_items.add(item.id)
                 continue
+            used = kind_used(r, job.kind)
+            kinds[used] = kinds.get(used, 0) + 1
             key, n = sample["__key__"], 1
             while key in keys:  # two source ids that sanitize alike (a.jpg / a.png): keep both
                 key, n = sanitize_key(f"{sample['__key__']}_{n}"), n + 1
@@ -94,6 +97,7 @@ def build_shard(task: tuple[Job, ShardPlan]) -> tuple[str, dict]:
             samples.append(sample)
             counts["read"] += 1
             counts["written"] += 1
+    counts["saliency_kinds"] = dict(sorted(kinds.items()))
     info = None
     if samples:
         # a second shuffle inside the shard: objects of one image are not neighbours in the stream
@@ -122,7 +126,7 @@ def _header(cfg: BuildConfig, source, kind: str, shards: list[ShardPlan], plan_s
         "config": cfg.saved(), "config_digest": cfg.digest(), "fingerprint": fingerprint,
         "classes": source.classes(),
         "image": {"format": cfg.image_format, "height": cfg.size, "width": cfg.size, "channels": source.channels},
-        "saliency": {"kind": kind, "sigma_frac": cfg.sigma_frac, "encoding": "uint8 = round((s + 1) * 127.5)",
+        "saliency": {"requested": kind, "sigma_frac": cfg.sigma_frac, "encoding": "uint8 = round((s + 1) * 127.5)",
                      "salient": 1.0, "background": -1.0},
         "shard_names": [s.name for s in shards], "layout": layout_digest(shards),
         "plan_skips": counts, "plan_examples": examples,

@@ -29,20 +29,36 @@ def _satpipe_version() -> str:
 
 
 def merge_counts(parts: list[dict]) -> tuple[dict, dict]:
-    """Sum {read, written, skipped{reason: n}} dicts in order; examples kept deterministically."""
+    """Sum {read, written, skipped{reason: n}, saliency_kinds{kind: n}} dicts in order; examples kept
+    deterministically."""
     read = written = 0
     skipped: dict[str, int] = {}
+    kinds: dict[str, int] = {}
     examples: dict[str, list] = {}
     for p in parts:
         read += p["counts"]["read"]
         written += p["counts"]["written"]
         for reason, n in p["counts"]["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
+        for kind, n in p["counts"].get("saliency_kinds", {}).items():  # (plan-time skips have none)
+            kinds[kind] = kinds.get(kind, 0) + n
         for reason, ex in p.get("examples", {}).items():
             room = MAX_EXAMPLES - len(examples.setdefault(reason, []))
             examples[reason].extend(ex[:max(room, 0)])
-    counts = {"read": read, "written": written, "skipped": dict(sorted(skipped.items()))}
+    counts = {"read": read, "written": written, "skipped": dict(sorted(skipped.items())),
+              "saliency_kinds": dict(sorted(kinds.items()))}
     return counts, dict(sorted(examples.items()))
+
+
+def saliency_block(header_saliency: dict, kinds: dict[str, int], written: int) -> dict:
+    """The manifest's `saliency`: `kind` is what the samples' maps really show, one kind or `mixed`
+    (counts.saliency_kinds has the numbers); `requested` what the build asked for (`auto` resolved
+    from what the source *may* have). `unknown` when shards from a satpipe that did not count kinds
+    were resumed into this build."""
+    requested = header_saliency.get("requested", header_saliency.get("kind"))
+    kind = "unknown" if sum(kinds.values()) != written else next(iter(kinds)) if len(kinds) == 1 else "mixed"
+    rest = {k: v for k, v in header_saliency.items() if k not in ("kind", "requested")}
+    return {"kind": kind, "requested": requested, **rest}
 
 
 def collect(out: Path, header: dict, names: list[str]) -> tuple[list[dict], list[str]]:
@@ -69,7 +85,7 @@ def write_manifest(out: Path, header: dict, sides: list[dict]) -> dict:
         "source": header["config"]["source"], "split": header["config"]["split"],
         "plan": header["plan"], "config": header["config"], "config_digest": header["config_digest"],
         "fingerprint": header["fingerprint"], "classes": header["classes"], "image": header["image"],
-        "saliency": header["saliency"],
+        "saliency": saliency_block(header["saliency"], counts["saliency_kinds"], counts["written"]),
         "shards": [s["shard"] for s in sides if s["shard"] is not None],
         "counts": counts, "skip_examples": examples,
     }

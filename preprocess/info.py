@@ -21,6 +21,16 @@ def _size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def saliency_summary(raw: dict) -> str:
+    """`box (requested mask)`, `mixed: mask 40, box 8 (requested mask)`...: the kind the samples' maps
+    really show (manifest saliency.kind, counts.saliency_kinds), then what the build asked for."""
+    sal = raw.get("saliency") or {}
+    kind, requested = sal.get("kind", "?"), sal.get("requested")
+    per_kind = (raw.get("counts") or {}).get("saliency_kinds") or {}
+    text = kind + (": " + ", ".join(f"{k} {n}" for k, n in per_kind.items()) if len(per_kind) > 1 else "")
+    return text + (f" (requested {requested})" if requested and requested != kind else "")
+
+
 def describe(root: Path) -> str:
     m = read_manifest(root)
     raw, img, counts = m.raw, m.image, m.raw["counts"]
@@ -37,7 +47,7 @@ def describe(root: Path) -> str:
         f"samples     {m.num_samples} in {len(m.shards)} shards ({min(per, default=0)}-{max(per, default=0)} each), "
         f"{_size(total)}",
         f"image       {img['format']} {img['width']}x{img['height']}x{img['channels']}",
-        f"saliency    {sal.get('kind', '?')}, sigma_frac {sal.get('sigma_frac', '?')}, {sal.get('encoding', '')}",
+        f"saliency    {saliency_summary(raw)}, sigma_frac {sal.get('sigma_frac', '?')}, {sal.get('encoding', '')}",
         f"classes     {m.num_classes}: {classes}",
         f"counts      read {counts['read']}, written {counts['written']}, "
         f"skipped {sum(counts['skipped'].values())}",

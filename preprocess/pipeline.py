@@ -12,6 +12,10 @@ Saliency kinds (`--saliency`):
   none        s = 0 everywhere (grey 128): SAT degenerates to noise training, a control
   auto        the best the source has: mask, else box, else foreground (resolved before building,
               by Source.resolve_saliency)
+
+Each sample's json records the kind its map really shows under "saliency" (`kind_used`): a `mask`
+build draws an object without finer geometry as its box, so such a sample says `box` (`mixed` when
+some of its objects had masks and some did not). The manifest counts samples per kind.
 """
 from __future__ import annotations
 
@@ -97,6 +101,14 @@ def encode_image(img: np.ndarray, fmt: str, quality: int) -> bytes:
     return buf.tobytes()
 
 
+def kind_used(raw: RawSample, kind: str) -> str:
+    """The saliency kind a sample's map really shows (see the module docstring)."""
+    if kind != "mask" or not raw.shapes:
+        return kind  # (a sample without objects: the requested kind, with nothing salient)
+    with_mask = sum(s.has_mask for s in raw.shapes)
+    return "mask" if with_mask == len(raw.shapes) else "box" if with_mask == 0 else "mixed"
+
+
 def make_sample(raw: RawSample, kind: str, cfg) -> dict:
     """The shard sample {__key__, jpg|png|raw, sal.png, label.i64, cls, json} for one RawSample."""
     size = cfg.size
@@ -121,6 +133,7 @@ def make_sample(raw: RawSample, kind: str, cfg) -> dict:
         if x1 > x0 and y1 > y0:
             boxes.append([round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)])
     meta["boxes"] = boxes
+    meta["saliency"] = kind_used(raw, kind)
     return {
         "__key__": sanitize_key(raw.key),
         cfg.image_format: encode_image(image_out, cfg.image_format, cfg.jpeg_quality),

@@ -4,12 +4,14 @@
 
 Per sample three panels: the image, its saliency as a heat map (-1 blue ... +1 red, 0 = the
 middle colour: "unknown" / `--saliency none`), and the heat map over the image; the class name
-and index are the title. Samples are the first N in shard order (builds shuffle at write time,
+and index are the title, the saliency panel names the kind that sample's map shows (mask, box...),
+and the grid's title the set's (`mixed` with the count of each). Samples are the first N in shard order (builds shuffle at write time,
 so they already mix classes). Reads the tars with `shards.format.iter_tar_samples` only.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -19,6 +21,7 @@ import numpy as np
 
 from shards.format import (LABEL_EXT, SALIENCY_EXT, ShardFormatError, check_shard_files, decode_label,
                            iter_tar_samples, read_manifest, tmp_name, uint8_to_saliency)
+from preprocess.info import saliency_summary
 
 PANEL_INCHES = 1.4
 DPI = 100
@@ -54,8 +57,17 @@ def decode_sample(sample: dict, image_info: dict) -> tuple[np.ndarray, np.ndarra
     return img, uint8_to_saliency(sal), label
 
 
+def _sample_kind(sample: dict) -> str | None:
+    """The saliency kind recorded in a sample's json (None for sets built before it was recorded)."""
+    try:
+        meta = json.loads(sample.get("json", b"{}"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return meta.get("saliency") if isinstance(meta, dict) else None
+
+
 def first_samples(root: str | os.PathLike, n: int):
-    """(manifest, [(key, image, saliency, label)]) for the first n samples of a checked shard set."""
+    """(manifest, [(key, image, saliency, label, kind)]) for the first n samples of a checked shard set."""
     manifest = read_manifest(root)
     problems = check_shard_files(manifest)
     if problems:  # a truncated tar would show garbage or stop half-way: name it instead
@@ -64,7 +76,7 @@ def first_samples(root: str | os.PathLike, n: int):
     for tar in manifest.tar_paths():
         for sample in iter_tar_samples(tar):
             img, sal, label = decode_sample(sample, manifest.image)
-            out.append((sample["__key__"], img, sal, label))
+            out.append((sample["__key__"], img, sal, label, _sample_kind(sample)))
             if len(out) >= n:
                 return manifest, out
     return manifest, out
@@ -85,7 +97,7 @@ def render_grid(samples, classes: list[str], out: Path, cols: int | None = None,
     heat = plt.get_cmap("coolwarm")
     for ax in axes.flat:
         ax.axis("off")
-    for i, (key, img, sal, label) in enumerate(samples):
+    for i, (key, img, sal, label, kind) in enumerate(samples):
         r, c = divmod(i, groups)
         a_img, a_sal, a_ovl = axes[r, 3 * c: 3 * c + 3]
         grey = img.ndim == 2
@@ -94,7 +106,7 @@ def render_grid(samples, classes: list[str], out: Path, cols: int | None = None,
         a_img.imshow(img, cmap="gray" if grey else None, vmin=0, vmax=255, interpolation="nearest")
         a_img.set_title(f"{name} ({label})", fontsize=7)
         a_sal.imshow(sal, cmap=heat, vmin=-1.0, vmax=1.0, interpolation="nearest")
-        a_sal.set_title("saliency", fontsize=6)
+        a_sal.set_title(f"saliency ({kind})" if kind else "saliency", fontsize=6)
         # overlay: the heat map blended over the image where salient (s > 0), image alone elsewhere
         colour = heat((sal + 1.0) / 2.0)[..., :3]
         alpha = np.clip(sal, 0.0, 1.0)[..., None] * 0.6
@@ -116,6 +128,12 @@ def render_grid(samples, classes: list[str], out: Path, cols: int | None = None,
     return int(round(w)), int(round(h))
 
 
+def grid_title(root, manifest, shown: int) -> str:
+    info = manifest.image
+    return (f"{root}: {shown} of {manifest.num_samples} samples, {info['width']}x{info['height']}x{info['channels']} "
+            f"{info['format']}, saliency {saliency_summary(manifest.raw)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="preprocess preview", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,11 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest, samples = first_samples(args.dir, args.n)
         if not samples:
             raise PreviewError(f"{args.dir}: the shard set holds no samples")
-        info = manifest.image
-        kind = (manifest.raw.get("saliency") or {}).get("kind")
-        title = (f"{args.dir}: {len(samples)} of {manifest.num_samples} samples, {info['width']}x{info['height']}"
-                 f"x{info['channels']} {info['format']}" + (f", saliency {kind}" if kind else ""))
-        size = render_grid(samples, manifest.classes, out, args.cols or None, title)
+        size = render_grid(samples, manifest.classes, out, args.cols or None, grid_title(args.dir, manifest, len(samples)))
     except (PreviewError, ShardFormatError) as e:
         print(f"preprocess preview: {e}", file=sys.stderr)
         return 2

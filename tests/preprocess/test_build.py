@@ -48,7 +48,9 @@ def test_manifest_counts_and_files(built):
     out, manifest = built
     m = read_manifest(out)
     assert m.classes == [c["name"] for c in CATEGORIES]
-    assert manifest["counts"] == {"read": 19, "written": 18, "skipped": {"crowd annotation": 1}}
+    assert manifest["counts"] == {"read": 19, "written": 18, "skipped": {"crowd annotation": 1},
+                                  "saliency_kinds": {"mask": 18}}
+    assert manifest["saliency"]["kind"] == "mask"
     assert m.num_samples == 18 and len(m.shards) >= 4  # 3 objects per image, <= 4 per shard
     assert all(s["samples"] <= 4 for s in m.shards)
     assert check_shard_files(m, full=True) == []
@@ -239,3 +241,60 @@ def test_help_names_each_default_once():
     assert "output folder (default: shards/SOURCE/SPLIT) --workers" in text
     for action in ap._actions:
         assert (action.help or "").count("(default:") <= 1, action.option_strings
+
+
+# ----------------------------------------------------------------------------- the saliency kind, recorded honestly
+
+def _voc_export(root: Path, n: int, with_masks: set[int]) -> Path:
+    """Annotations/ + JPEGImages/ as annotation tools export them; SegmentationObject/ PNGs only for
+    the images in `with_masks` (a set where masks exist for some images only)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import dataset_fixtures as fx
+
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        name = f"frame_{i:03d}"
+        fx.write_jpeg(root / "JPEGImages" / f"{name}.jpg", fx.object_photo(rng, 48, 64, (10, 5, 40, 35)))
+        (root / "Annotations").mkdir(parents=True, exist_ok=True)
+        (root / "Annotations" / f"{name}.xml").write_text(
+            fx.voc_xml(f"{name}.jpg", 64, 48, [{"name": "dog", "box": (11, 6, 40, 35)}]))
+        if i in with_masks:
+            inst = np.zeros((48, 64), np.uint8)
+            inst[8:30, 14:36] = 1  # object 1: smaller than its box
+            fx.write_palette_png(root / "SegmentationObject" / f"{name}.png", inst)
+    return root
+
+
+def _voc_build(root: Path, out: Path) -> dict:
+    cfg = BuildConfig(source="voc", root=str(root), split="all", saliency="auto", size=32, shard_size=3,
+                      out=str(out), progress=False, sigma_frac=0.0)
+    return build(cfg, log=lambda *_: None)
+
+
+def _sample_kinds(out: Path) -> list[str]:
+    return [json.loads(s["json"])["saliency"] for tar in sorted(out.glob("*.tar")) for s in iter_tar_samples(tar)]
+
+
+def test_auto_on_a_maskless_voc_export_records_box(tmp_path):
+    """`auto` resolves to `mask` for VOC (the class may have masks); this export has none: box maps,
+    and the samples, the manifest, info and preview say so."""
+    from preprocess.info import describe
+    from preprocess.preview import first_samples, grid_title
+
+    m = _voc_build(_voc_export(tmp_path / "voc", 4, set()), tmp_path / "out")
+    assert m["saliency"]["kind"] == "box" and m["saliency"]["requested"] == "mask"
+    assert m["counts"]["saliency_kinds"] == {"box": 4}
+    assert _sample_kinds(tmp_path / "out") == ["box"] * 4
+    assert "saliency    box (requested mask)" in describe(tmp_path / "out")
+    manifest, samples = first_samples(tmp_path / "out", 2)
+    assert grid_title("d", manifest, 2).endswith("saliency box (requested mask)")
+    assert [s[4] for s in samples] == ["box", "box"]  # each saliency panel names its sample's kind
+
+
+def test_a_set_with_masks_for_some_images_counts_both_kinds(tmp_path):
+    m = _voc_build(_voc_export(tmp_path / "voc", 5, {0, 3}), tmp_path / "out")
+    assert m["counts"]["saliency_kinds"] == {"box": 3, "mask": 2}
+    assert m["saliency"]["kind"] == "mixed"
+    assert sorted(_sample_kinds(tmp_path / "out")) == ["box"] * 3 + ["mask"] * 2
+    from preprocess.info import describe
+    assert "saliency    mixed: box 3, mask 2 (requested mask)" in describe(tmp_path / "out")

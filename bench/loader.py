@@ -3,11 +3,13 @@
     python bench/loader.py            # 16k images per size, 3 timed epochs
     python bench/loader.py --quick    # 4k images, 2 timed epochs (a smoke run)
 
-Both backends read the SAME shard set (JPEG image + PNG saliency + int64 label, written with the
+All backends read the SAME shard set (JPEG image + PNG saliency + int64 label, written with the
 production ShardWriter) through `make_loader(train=True)`: shuffled plan, pad-4 crop + flip on
 image and saliency, batch 128, the same number of worker threads (DALI threads = DataLoader
 worker processes). Timed from the start of each epoch to its last float batch on the device, so the
-per-epoch pipeline / worker start-up is included. Prints a ratio table and writes it to
+per-epoch pipeline / worker start-up is included. The device backend's column (sat_train/loader/
+device_backend.py) times the same epochs of the set it decoded once when it was made (that decode is
+not in its rate; bench/fit_throughput.py reports it as setup). Prints a ratio table and writes it to
 bench/results/loader.md.
 """
 from __future__ import annotations
@@ -108,6 +110,7 @@ def main(argv=None) -> None:
     # on CUDA both decode placements (dali_backend.py: "auto" takes cpu up to 64x64, gpu above)
     variants = {"dali mixed (GPU decode)": "gpu", "dali CPU decode -> GPU": "cpu"} if device.type == "cuda" \
         else {"dali cpu": "auto"}
+    columns = [*variants, "device backend (decoded once)"]
 
     rows, load_before = [], os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="satpipe-bench-loader-") as tmp:
@@ -115,9 +118,11 @@ def main(argv=None) -> None:
             root = write_shard_set(Path(tmp) / f"s{size}", args.images, size)
             base = images_per_second(root, "torch", args, device)
             dali = [images_per_second(root, "dali", args, device, decode) for decode in variants.values()]
-            rows.append((size, base, dali))
+            resident = images_per_second(root, "device", args, device)  # its one-off decode is not timed
+            rows.append((size, base, dali + [resident]))
             print(f"{size}x{size}: torch {base:,.0f} img/s, " + ", ".join(
-                f"{name} {d:,.0f} img/s ({d / base:.2f}x)" for name, d in zip(variants, dali)), flush=True)
+                f"{name} {d:,.0f} img/s ({d / base:.2f}x)" for name, d in zip(columns, dali + [resident])),
+                flush=True)
 
     command = " ".join(["python bench/loader.py", *(argv if argv is not None else sys.argv[1:])])
     cpu = platform.processor() or platform.machine()
@@ -129,8 +134,8 @@ def main(argv=None) -> None:
         f"{args.workers} worker threads each, {args.epochs} timed epochs after a warm-up epoch, output on `{device}`. "
         f"Host: {os.cpu_count()} cores, {cpu}; GPU: {gpu}. Load average {load_before:.1f} at start, "
         f"{os.getloadavg()[0]:.1f} at end (other work on the machine makes both columns slower and noisier).", "",
-        "| size | torch backend (img/s) | " + " | ".join(f"{name} (img/s) | ratio" for name in variants) + " |",
-        "|---|---:|" + "---:|---:|" * len(variants)]
+        "| size | torch backend (img/s) | " + " | ".join(f"{name} (img/s) | ratio" for name in columns) + " |",
+        "|---|---:|" + "---:|---:|" * len(columns)]
     lines += [f"| {s}x{s} | {b:,.0f} | " + " | ".join(f"{d:,.0f} | {d / b:.2f}x" for d in ds) + " |"
               for s, b, ds in rows]
     if device.type == "cuda":

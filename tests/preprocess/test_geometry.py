@@ -76,3 +76,59 @@ def test_console_help():
     assert r.returncode == 0 and "--shard-size" in r.stdout and "--num-nodes" in r.stdout
     r = subprocess.run([sys.executable, "-m", "preprocess"], capture_output=True, text=True)
     assert r.returncode == 0 and "build-shards" in r.stdout and "verify" in r.stdout
+
+
+def test_header_size_without_decoding():
+    """PNG and JPEG sizes come from their headers (a JPEG's EXIF thumbnail is not mistaken for
+    the image); other formats through PIL's lazy open; garbage gives None."""
+    import io
+
+    from PIL import Image
+
+    from preprocess.geometry import image_size
+
+    rgb = np.zeros((123, 457, 3), np.uint8)
+    for ext in (".jpg", ".png"):
+        assert image_size(cv2.imencode(ext, rgb)[1].tobytes()) == (457, 123)
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x010F] = "camera"
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif.tobytes(), progressive=True)
+    assert image_size(buf.getvalue()) == (457, 123)
+    for fmt in ("WEBP", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        im.save(buf, fmt)
+        assert image_size(buf.getvalue()) == (457, 123)
+    assert image_size(b"\xff\xd8\xff\xe0garbage") is None and image_size(b"hello") is None
+
+
+def test_large_jpegs_decode_reduced_when_the_crop_allows(tmp_path):
+    from preprocess.geometry import REDUCE_ABOVE_PIXELS, read_image, reduce_if_large
+
+    big = tmp_path / "big.jpg"
+    cv2.imwrite(str(big), np.full((4000, 4100, 3), 80, np.uint8))
+    assert 4000 * 4100 > REDUCE_ABOVE_PIXELS
+    d = read_image(big, 3, reduce_if_large(64))  # the whole image -> 64 px: libjpeg's 1/8 is still >= 64
+    assert d.pixels.shape == (500, 513, 3) and d.scale == 0.125 and (d.width, d.height) == (4100, 4000)
+    assert read_image(big, 3, reduce_if_large(64, min_crop_side=300)).scale == 0.25  # 300 / 4 >= 64
+    small = tmp_path / "small.jpg"
+    cv2.imwrite(str(small), np.full((60, 80, 3), 80, np.uint8))
+    assert read_image(small, 3, reduce_if_large(8)).scale == 1.0  # small images keep their bytes
+
+
+def test_resolves_inside_follows_links(tmp_path):
+    from preprocess.geometry import resolves_inside
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "in.jpg").write_bytes(b"x")
+    (root / "out.jpg").symlink_to(outside / "x.jpg")
+    (root / "linkdir").symlink_to(outside)
+    (root / "alias.jpg").symlink_to(root / "in.jpg")
+    assert resolves_inside(root / "in.jpg", root) and resolves_inside(root / "alias.jpg", root)
+    assert resolves_inside(root / "sub" / ".." / "in.jpg", root)
+    assert not resolves_inside(root / "out.jpg", root) and not resolves_inside(root / "linkdir" / "a.jpg", root)
+    assert not resolves_inside(root / ".." / "outside" / "a.jpg", root) and not resolves_inside("/etc/passwd", root)
+    assert not resolves_inside(tmp_path / "root2" / "a.jpg", root)  # a sibling sharing the prefix

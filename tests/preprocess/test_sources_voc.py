@@ -211,3 +211,19 @@ def test_filename_leaving_the_image_folder_is_skipped(voc, tmp_path):
     items, skips = src.items()
     assert [it.id for it in items] == ["2007_000001"]
     assert {(s.id, s.reason) for s in skips} >= {("2007_000002", "path outside root"), ("../../x", "path outside root")}
+
+
+def test_large_photo_is_decoded_reduced_and_keeps_its_geometry(tmp_path):
+    """A phone photo above 16 MP in a labelImg folder: decoded at 1/8 (the crop still >= the
+    output size), the size check uses the header, the window stays in source pixels."""
+    root = tmp_path / "photos"
+    img = np.full((4000, 4100, 3), 40, np.uint8)
+    img[1000:3000, 1000:3000] = 220
+    fx.write_jpeg(root / "big.jpg", img, quality=80)
+    (root / "big.xml").write_text(fx.labelimg_xml(root / "big.jpg", 4100, 4000,
+                                                  [{"name": "cat", "box": (1001, 1001, 3000, 3000)}], "/x/big.jpg"))
+    src = VocSource(BuildConfig(source="voc", root=str(root), split="all", unit="object", size=32))
+    s = next(src.load(src.items()[0][0]))
+    assert s.scale == 0.125 and s.image.shape == (500, 513, 3)
+    assert s.window[2] == pytest.approx(2000 * 1.5) and s.shapes[0].box == (1000.0, 1000.0, 3000.0, 3000.0)
+    assert s.image[250, 250].min() > 200 and s.image[50, 50].max() < 60

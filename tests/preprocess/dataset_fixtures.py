@@ -181,10 +181,15 @@ def write_grey_png(path: Path, values: np.ndarray) -> Path:
 
 def voc_xml(filename: str, w: int, h: int, objects: list[dict]) -> str:
     """Annotation XML as VOC writes it; objects: {name, box: (xmin, ymin, xmax, ymax) 1-based, difficult, truncated}."""
-    parts = [f"<annotation>\n\t<folder>VOC2012</folder>\n\t<filename>{filename}</filename>\n"
-             "\t<source>\n\t\t<database>The VOC2007 Database</database>\n\t</source>\n"
-             f"\t<size>\n\t\t<width>{w}</width>\n\t\t<height>{h}</height>\n\t\t<depth>3</depth>\n\t</size>\n"
-             "\t<segmented>1</segmented>\n"]
+    return (f"<annotation>\n\t<folder>VOC2012</folder>\n\t<filename>{filename}</filename>\n"
+            "\t<source>\n\t\t<database>The VOC2007 Database</database>\n\t</source>\n"
+            f"\t<size>\n\t\t<width>{w}</width>\n\t\t<height>{h}</height>\n\t\t<depth>3</depth>\n\t</size>\n"
+            "\t<segmented>1</segmented>\n" + _voc_objects(objects) + "</annotation>\n")
+
+
+def _voc_objects(objects: list[dict]) -> str:
+    """<object> elements as VOC and labelImg write them."""
+    parts = []
     for o in objects:
         x0, y0, x1, y1 = o["box"]
         parts.append(f"\t<object>\n\t\t<name>{o['name']}</name>\n\t\t<pose>Unspecified</pose>\n"
@@ -192,26 +197,16 @@ def voc_xml(filename: str, w: int, h: int, objects: list[dict]) -> str:
                      f"\t\t<difficult>{int(o.get('difficult', 0))}</difficult>\n"
                      f"\t\t<bndbox>\n\t\t\t<xmin>{x0}</xmin>\n\t\t\t<ymin>{y0}</ymin>\n"
                      f"\t\t\t<xmax>{x1}</xmax>\n\t\t\t<ymax>{y1}</ymax>\n\t\t</bndbox>\n\t</object>\n")
-    parts.append("</annotation>\n")
     return "".join(parts)
 
 
 def labelimg_xml(image: Path, w: int, h: int, objects: list[dict], annotator_path: str) -> str:
     """Annotation XML as labelImg's pascal_voc_io writes it beside the image: <folder> is the image's
     folder name, <path> the absolute path on the annotator's machine, no <source> database of VOC's."""
-    parts = [f"<annotation>\n\t<folder>{image.parent.name}</folder>\n\t<filename>{image.name}</filename>\n"
-             f"\t<path>{annotator_path}</path>\n\t<source>\n\t\t<database>Unknown</database>\n\t</source>\n"
-             f"\t<size>\n\t\t<width>{w}</width>\n\t\t<height>{h}</height>\n\t\t<depth>3</depth>\n\t</size>\n"
-             "\t<segmented>0</segmented>\n"]
-    for o in objects:
-        x0, y0, x1, y1 = o["box"]
-        parts.append(f"\t<object>\n\t\t<name>{o['name']}</name>\n\t\t<pose>Unspecified</pose>\n"
-                     f"\t\t<truncated>{int(o.get('truncated', 0))}</truncated>\n"
-                     f"\t\t<difficult>{int(o.get('difficult', 0))}</difficult>\n"
-                     f"\t\t<bndbox>\n\t\t\t<xmin>{x0}</xmin>\n\t\t\t<ymin>{y0}</ymin>\n"
-                     f"\t\t\t<xmax>{x1}</xmax>\n\t\t\t<ymax>{y1}</ymax>\n\t\t</bndbox>\n\t</object>\n")
-    parts.append("</annotation>\n")
-    return "".join(parts)
+    return (f"<annotation>\n\t<folder>{image.parent.name}</folder>\n\t<filename>{image.name}</filename>\n"
+            f"\t<path>{annotator_path}</path>\n\t<source>\n\t\t<database>Unknown</database>\n\t</source>\n"
+            f"\t<size>\n\t\t<width>{w}</width>\n\t\t<height>{h}</height>\n\t\t<depth>3</depth>\n\t</size>\n"
+            "\t<segmented>0</segmented>\n" + _voc_objects(objects) + "</annotation>\n")
 
 
 # ----------------------------------------------------------------------------- Tiny ImageNet

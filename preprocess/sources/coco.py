@@ -25,7 +25,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import orjson
 
 from shards.format import sha256_file

@@ -93,10 +93,16 @@ def budget_check(manifest, device: torch.device, memory_fraction: float) -> tupl
     need = footprint_bytes(image, manifest.num_samples)
     avail, where = available_bytes(device)
     budget = int(avail * memory_fraction)
-    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
     text = (f"{manifest.num_samples} samples of {image['height']}x{image['width']}x{image['channels']} + saliency "
-            f"need {mib(need)}, budget {mib(budget)} ({memory_fraction:g} of {mib(avail)} {where})")
+            f"need {_size(need)}, budget {_size(budget)} ({memory_fraction:g} of {_size(avail)} {where})")
     return need <= budget, text
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:,.1f} {unit}"
+    return f"{num_bytes} bytes"
 
 
 # ----------------------------------------------------------------------------- decoding once

@@ -86,7 +86,7 @@ def bench_case(model, x, y, rounds, device, frozen, warmup=2):
     model.requires_grad_(not frozen)
     gen = torch.Generator(device=device).manual_seed(0)
     ta = torchattacks.PGD(model, eps=EPS, alpha=EPS / 4, steps=STEPS, random_start=True)
-    folded = prepare_for_attack(model, x[:4]) if frozen else model  # what sat-train eval attacks
+    folded = prepare_for_attack(model, x[:4])[0] if frozen else model  # what sat-train eval attacks
     model.requires_grad_(not frozen)  # prepare_for_attack froze the original too
     variants = {
         "satpipe": lambda: pgd(model, x, y, EPS, EPS / 4, STEPS, generator=gen),

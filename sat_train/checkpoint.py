@@ -110,8 +110,19 @@ def load_checkpoint(where: str | os.PathLike, map_location="cpu") -> dict:
     return ckpt
 
 
+def first_non_finite(state: dict) -> str | None:
+    """Name of the first floating-point tensor of a state_dict holding nan or inf (None: all finite)."""
+    for name, t in state.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def load_model(run_dir: str | os.PathLike, device="cpu"):
-    """(model in eval mode on `device`, checkpoint dict) from a run folder or a checkpoint file."""
+    """(model in eval mode on `device`, checkpoint dict) from a run folder or a checkpoint file.
+
+    Refuses weights holding nan or inf (a diverged run): attacks on such a model would report
+    accuracies and pass every gradient-masking check while measuring nothing."""
     from sat_train.models import build_model
 
     ckpt = load_checkpoint(run_dir, map_location=device)
@@ -124,4 +135,8 @@ def load_model(run_dir: str | os.PathLike, device="cpu"):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt['path']}: weights do not fit {spec['arch']} ({str(e).splitlines()[0]})") from None
+    bad = first_non_finite(ckpt["model"])
+    if bad is not None:
+        raise CheckpointError(f"{ckpt['path']}: weight {bad!r} holds nan or inf (the run diverged); refusing to use "
+                              f"this model")
     return model.to(device).eval(), ckpt

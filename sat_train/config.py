@@ -11,12 +11,19 @@ RUN/config.json. Semantics worth knowing:
 - epochs count passes over the shard set; under DDP each process sees 1/N of it per epoch.
 - p of SAT follows the curriculum p = 1 - sat_a ** (epoch / sat_tau) (epoch from 0; sat_tau = 10, the paper's,
   made for 100 epochs) unless sat_p is set; sat_final_p = 0.9 solves sat_tau so the last epoch reaches p = 0.9.
+- Every number must be finite (nan / inf are refused: they used to train to NaN weights and "succeed")
+  and in its range (see `validate`); a loss that still turns non-finite stops the run (sat_train.fit).
+- --resume may change only runtime fields (RESUMABLE_CHANGES). `epochs` may change only with the
+  constant schedule: cosine and piecewise lay their learning-rate curve over the planned epochs, so a
+  run resumed with other epochs would follow a curve that no uninterrupted run follows. To train in
+  slices, keep epochs and pass --stop-after-epochs.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -24,6 +31,8 @@ from pathlib import Path
 
 from sat_train.loader import BACKENDS as LOADER_BACKENDS
 from sat_train.methods import ATTACK_BN_MODES, METHODS
+from sat_train.models import check_arch
+from shards.format import VERIFY_MODES
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "piecewise", "constant")
@@ -43,6 +52,7 @@ class TrainConfig:
     loader_memory_fraction: float = 0.5  # device backend: share of free GPU memory / available RAM the decoded set may use
     loader_decode: str = "auto"  # DALI on CUDA: "gpu" (nvJPEG) | "cpu" (threads, then one copy) | "auto" (cpu <= 64x64)
     num_workers: int = 2
+    verify_shards: str = "sha256"  # check shard files at start: "sha256" (every byte, the default) | "size" (cheap)
     augment: bool = True  # random crop (pad crop_padding) + horizontal flip, shared by image and saliency
     crop_padding: int = 4
     flip: bool = True
@@ -99,11 +109,14 @@ class TrainConfig:
         return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in self.to_dict().items())
 
 
-# Fields that may differ between a run and its --resume (they do not change the math).
+# Fields that may differ between a run and its --resume (they do not change the math), and `epochs`,
+# which may change only where the schedule does not depend on it (EPOCH_SCHEDULES; see resume_values).
 RESUMABLE_CHANGES = {"epochs", "num_workers", "progress", "resume", "overwrite", "loader_backend", "loader_decode",
                      "loader_memory_fraction",
-                     "device", "run", "shards", "stop_after_epochs"}
+                     "device", "run", "shards", "stop_after_epochs", "verify_shards"}
 # (shards may move on disk: fit checks the manifest fingerprint against the checkpoint instead)
+EPOCH_SCHEDULES = ("cosine", "piecewise")  # their learning-rate curve is laid out over `epochs`
+MAX_SEED = 2**63 - 1
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
@@ -186,12 +199,29 @@ def load_saved(path: str | Path) -> dict:
     return {k: _coerce(k, v, str(path)) for k, v in data.items() if k in _HINTS}
 
 
+def non_finite(obj) -> list[str]:
+    """Fields of a config dataclass holding nan or inf (alone, in a tuple or in a list)."""
+    bad = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            bad.append(f"{f.name} = {value!r}")
+    return bad
+
+
 def validate(cfg: TrainConfig) -> None:
     def need(ok, msg):
         if not ok:
             raise ConfigError(msg)
 
+    bad = non_finite(cfg)
+    need(not bad, f"{', '.join(bad)}: every number must be finite")
     need(cfg.method in METHODS, f"method {cfg.method!r} is not one of {', '.join(METHODS)}")
+    try:
+        check_arch(cfg.arch)
+    except ValueError as e:
+        raise ConfigError(f"arch: {e}") from None
     need(cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     need(cfg.schedule in SCHEDULES, f"schedule {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
     need(cfg.amp in AMP_MODES, f"amp {cfg.amp!r} is not one of {', '.join(AMP_MODES)}")
@@ -201,7 +231,9 @@ def validate(cfg: TrainConfig) -> None:
          f"loader_backend {cfg.loader_backend!r} is not one of {', '.join(LOADER_BACKENDS)}")
     need(0 < cfg.loader_memory_fraction <= 1, f"loader_memory_fraction={cfg.loader_memory_fraction} must be in (0, 1]")
     need(cfg.loader_decode in ("auto", "gpu", "cpu"), f"loader_decode {cfg.loader_decode!r} is not auto, gpu or cpu")
+    need(cfg.verify_shards in VERIFY_MODES, f"verify_shards {cfg.verify_shards!r} is not {' or '.join(VERIFY_MODES)}")
     need(cfg.epochs >= 1 and cfg.batch_size >= 1, "epochs and batch_size must be >= 1")
+    need(cfg.num_workers >= 0 and cfg.crop_padding >= 0, "num_workers and crop_padding must be >= 0")
     need(0 <= cfg.eps <= 1 and cfg.lr > 0, "eps must be in [0, 1] and lr > 0")
     need(0 < cfg.sat_a <= 1, f"sat_a={cfg.sat_a} must be in (0, 1]")
     need(cfg.sat_p is None or 0 <= cfg.sat_p <= 1, f"sat_p={cfg.sat_p} must be in [0, 1]")
@@ -211,16 +243,32 @@ def validate(cfg: TrainConfig) -> None:
          f"sat_final_p={cfg.sat_final_p} needs 0 < sat_final_p < 1, sat_a < 1, epochs >= 2 and no sat_tau of its own")
     need(0 <= cfg.mix_prob <= 1, f"mix_prob={cfg.mix_prob} must be in [0, 1]")
     need(cfg.pgd_steps >= 1 and cfg.trades_steps >= 1, "pgd_steps and trades_steps must be >= 1")
+    need(0 < cfg.pgd_alpha <= 1, f"pgd_alpha={cfg.pgd_alpha} must be in (0, 1]")
+    need(cfg.trades_beta >= 0, f"trades_beta={cfg.trades_beta} must be >= 0")
+    need(cfg.fgsm_alpha > 0, f"fgsm_alpha={cfg.fgsm_alpha} must be > 0")
+    need(0 <= cfg.momentum < 1, f"momentum={cfg.momentum} must be in [0, 1)")
+    need(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
+    need(all(0 <= b < 1 for b in cfg.adam_betas), f"adam_betas={cfg.adam_betas} must be in [0, 1)")
     need(all(0 < m < 1 for m in cfg.milestones), "milestones are fractions of training in (0, 1)")
+    need(cfg.gamma > 0, f"gamma={cfg.gamma} must be > 0")
+    need(0 <= cfg.warmup_epochs <= cfg.epochs, f"warmup_epochs={cfg.warmup_epochs} must be in [0, epochs={cfg.epochs}]")
     need(cfg.clean_acc_every >= 1 and cfg.limit_batches >= 0 and cfg.stop_after_epochs >= 0,
          "clean_acc_every >= 1, limit_batches >= 0 and stop_after_epochs >= 0")
     need(0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+    need(0 <= cfg.seed <= MAX_SEED, f"seed={cfg.seed} must be in [0, 2**63 - 1]")
 
 
 # ----------------------------------------------------------------------------- flags
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the project's error style: `PROG: error: message`, one line, exit 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(prog: str = "sat-train fit", description: str | None = None) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  argument_default=argparse.SUPPRESS)  # only flags the user gave override
     ap.add_argument("--config", metavar="FILE.toml", help="TOML file with TrainConfig keys (flags override it)")
     defaults = TrainConfig()
@@ -257,7 +305,24 @@ def resume_values(explicit: dict, saved: dict) -> dict:
     if changed:
         raise ConfigError(f"--resume: cannot change {', '.join(changed)} of an existing run "
                           f"(only {', '.join(sorted(RESUMABLE_CHANGES - {'resume', 'overwrite'}))} may change)")
+    schedule = saved.get("schedule", TrainConfig.schedule)
+    if "epochs" in explicit and explicit["epochs"] != saved.get("epochs") and schedule in EPOCH_SCHEDULES:
+        raise ConfigError(f"--resume: cannot change epochs ({saved.get('epochs')} -> {explicit['epochs']}) of a run with "
+                          f"the {schedule} schedule: its learning-rate curve is laid out over the planned epochs, so the "
+                          f"resumed run would match no uninterrupted run (train in slices with --stop-after-epochs, "
+                          f"or start a new run)")
     if "epochs" in explicit and explicit["epochs"] != saved.get("epochs") and saved.get("sat_final_p") is not None:
         raise ConfigError(f"--resume: cannot change epochs of a run with sat_final_p (its SAT curriculum is laid out "
                           f"over the planned epochs)")
     return {**saved, **explicit}
+
+
+def config_from_argv(argv: list[str], description: str | None = None) -> TrainConfig:
+    """The TrainConfig `sat-train fit ARGV` runs with (flags, --config file, and for --resume the run's
+    saved config.json), validated; ConfigError for anything wrong. Starts nothing."""
+    explicit = parse_argv(argv, description)
+    if explicit.get("resume"):
+        if not explicit.get("run"):
+            raise ConfigError("--resume needs --run RUN (the folder of the run to continue)")
+        explicit = resume_values(explicit, load_saved(Path(explicit["run"]) / "config.json"))
+    return from_dict(explicit, "flags")

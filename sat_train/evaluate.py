@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from sat_train.config import read_toml
+from sat_train.config import MAX_SEED, OneLineParser, non_finite, read_toml
 from sat_train.distortions import LEVELS
 from sat_train.loader import BACKENDS as LOADER_BACKENDS
+from shards.format import VERIFY_MODES
 
 RESULTS_VERSION = 1
 
@@ -63,6 +66,7 @@ class EvalConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     loader_backend: str = "auto"  # auto | dali | torch | device (see sat_train.loader)
     loader_decode: str = "auto"  # DALI on CUDA: gpu | cpu | auto (see sat_train.loader.dali_backend)
+    verify_shards: str = "sha256"  # check shard files before evaluating: sha256 (every byte) | size (cheap)
     sanity_tol: float = 0.0  # accuracy points of slack before a masking check warns
     aa_gap: float = 5.0  # warn when AutoAttack is this many points below PGD on the same samples
 
@@ -83,7 +87,11 @@ class EvalConfig:
         def need(ok, msg):
             if not ok:
                 raise EvalError(f"{source}: {msg}")
-        need(all(e > 0 for e in list(self.eps) + list(self.l2_eps)), "eps values must be > 0")
+        bad = non_finite(self)
+        need(not bad, f"{', '.join(bad)}: every number must be finite")
+        need(all(0 < e <= 255 for e in list(self.eps) + [self.autoattack_eps]), "L-inf eps values (in 1/255) must be "
+             "in (0, 255]")
+        need(all(e > 0 for e in self.l2_eps), "l2_eps values must be > 0")
         need(self.pgd_steps >= 1 and all(k >= 1 for k in self.check_steps), "PGD steps must be >= 1")
         need(0 < self.pgd_step_ratio <= 1, "pgd_step_ratio must be in (0, 1]")
         need(self.pgd_restarts >= 1, "pgd_restarts must be >= 1")
@@ -94,6 +102,14 @@ class EvalConfig:
         need(self.autoattack_version in ("standard", "plus", "rand"), "autoattack_version: standard | plus | rand")
         need(all(0 <= c <= 1 for c in self.contrast), "contrast levels must be in [0, 1]")
         need(all(s > 0 for s in list(self.low_pass) + list(self.high_pass)), "filter sigmas must be > 0")
+        need(self.cw_steps >= 1 and self.cw_search_steps >= 1, "cw_steps and cw_search_steps must be >= 1")
+        need(self.cw_lr > 0 and self.cw_initial_const > 0 and self.cw_confidence >= 0,
+             "cw_lr and cw_initial_const must be > 0, cw_confidence >= 0")
+        need(self.distortion_grey is None or 0 <= self.distortion_grey <= 1, "distortion_grey must be in [0, 1]")
+        need(self.sanity_tol >= 0 and self.aa_gap >= 0, "sanity_tol and aa_gap must be >= 0")
+        need(0 <= self.seed <= MAX_SEED, "seed must be in [0, 2**63 - 1]")
+        need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device: auto | cpu | cuda | cuda:N")
+        need(self.verify_shards in VERIFY_MODES, f"verify_shards: {' | '.join(VERIFY_MODES)}")
 
 
 def _check_type(key, value, default, source):
@@ -129,12 +145,15 @@ def _floats(text: str) -> list:
 
 
 def _ints(text: str) -> list:
-    return [int(v) for v in _floats(text)]
+    values = _floats(text)
+    if not all(math.isfinite(v) and v == int(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return [int(v) for v in values]
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="sat-train eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="sat-train eval", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("run", help="run folder written by `sat-train fit` (holds checkpoints/last.pt)")
     p.add_argument("--shards", required=True, help="evaluation shard set (folder with manifest.json)")
     p.add_argument("--config", help="TOML file of EvalConfig fields (top level or an [eval] table)")
@@ -161,8 +180,13 @@ def parse_args(argv):
     r.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     r.add_argument("--loader-backend", help="auto | dali | torch")
     r.add_argument("--loader-decode", help="DALI on CUDA: auto | gpu | cpu")
+    r.add_argument("--verify-shards", help="check shard files first: sha256 (every byte, default) | size (cheap)")
     r.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def load_config(args) -> EvalConfig:
@@ -174,6 +198,13 @@ def load_config(args) -> EvalConfig:
     names = {f.name for f in dataclasses.fields(EvalConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     return EvalConfig.from_dict(values, args.config or "flags")
+
+
+def config_from_argv(argv) -> tuple[argparse.Namespace, EvalConfig]:
+    """(parsed arguments, validated EvalConfig) for `sat-train eval ARGV`; EvalError (or argparse's exit 2)
+    for anything wrong. Starts nothing."""
+    args = parse_args(argv)
+    return args, load_config(args)
 
 
 def pick_device(name: str) -> torch.device:
@@ -249,7 +280,7 @@ def _file_sha256(path) -> str:
 
 def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tuple[dict, Path]:
     """Library entry point: run the suite, write the JSON, return (results, path). Raises EvalError."""
-    from shards.format import ShardFormatError, atomic_write_json, check_shard_files, read_manifest
+    from shards.format import ShardFormatError, atomic_write_json, read_manifest
     from sat_train.checkpoint import CheckpointError, load_model
     from sat_train.loader import LoaderError, make_loader
     from sat_train.robustness import build_specs, prepare_for_attack, run_suite
@@ -262,10 +293,6 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
         manifest = read_manifest(shard_dir)
     except ShardFormatError as e:
         raise EvalError(str(e)) from None
-    problems = check_shard_files(manifest)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise EvalError(f"{shard_dir}: {problems[0]}{more}")
     device = pick_device(cfg.device)
     try:
         model, ckpt = load_model(run_dir, device=device)
@@ -275,23 +302,29 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
     mspec = ckpt["model_spec"]
     example = torch.rand(4, mspec["in_channels"], mspec["image_size"], mspec["image_size"], device=device,
                          generator=torch.Generator(device=device).manual_seed(cfg.seed))
-    model = prepare_for_attack(model, example)  # eval mode, frozen weights, BatchNorm folded into convs
+    model, folding = prepare_for_attack(model, example)  # eval mode, frozen weights, BatchNorm folded into convs
     torch.manual_seed(cfg.seed)
     specs = build_specs(cfg)
 
     from tqdm import tqdm
 
     total = min(manifest.num_samples, cfg.limit) if cfg.limit else manifest.num_samples
-    try:  # every sample once, in manifest order, on one process (eval is not distributed)
+    try:  # every sample once, in manifest order, on one process (eval is not distributed); the shard
+        # files (sha256 by default) and every label are checked here, before any model is attacked
         loader = make_loader(shard_dir, cfg.batch_size, train=False, backend=cfg.loader_backend, device=device,
-                             rank=0, world_size=1, decode=cfg.loader_decode)
+                             rank=0, world_size=1, decode=cfg.loader_decode, verify=cfg.verify_shards)
     except LoaderError as e:
         raise EvalError(str(e)) from None
     bar = tqdm(total=total, unit="img", desc="eval", disable=not progress, file=sys.stderr)
     t0 = time.perf_counter()
-    rows = run_suite(model, batches(loader, cfg.limit, device), specs, n_classes=manifest.num_classes,
-                     seed=cfg.seed, progress=bar)
-    bar.close()
+    try:
+        rows = run_suite(model, batches(loader, cfg.limit, device), specs, n_classes=manifest.num_classes,
+                         seed=cfg.seed, progress=bar)
+    except LoaderError as e:  # a sample that cannot be read: the message names its tar and key
+        raise EvalError(str(e)) from None
+    finally:
+        bar.close()
+        loader.close()
     warnings = masking_checks(rows, main_steps=cfg.pgd_steps, tol=cfg.sanity_tol, aa_gap=cfg.aa_gap)
     for r in rows:
         del r["per_sample"]
@@ -300,6 +333,7 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
         "shards_fingerprint": manifest.fingerprint, "classes": manifest.classes,
         "checkpoint": {"path": ckpt.get("path"), "epoch": ckpt.get("epoch"), "model_spec": ckpt["model_spec"],
                        "sha256": _file_sha256(ckpt["path"])},  # `sat-train experiment` reuses evals of this checkpoint only
+        "model": folding,
         "config": dataclasses.asdict(cfg), "device": str(device), "n": rows[0]["n"],
         "clean_accuracy": rows[0]["accuracy"], "rows": rows, "sanity": {"passed": not warnings, "warnings": warnings},
         "notes": notes, "total_time_s": round(time.perf_counter() - t0, 3),
@@ -312,9 +346,8 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(args)
+        args, cfg = config_from_argv(sys.argv[1:] if argv is None else argv)
         print("eval config:", json.dumps(dataclasses.asdict(cfg), separators=(", ", ": ")))
         results, out = evaluate(args.run, args.shards, cfg, args.out, progress=not args.no_progress)
     except EvalError as e:
@@ -323,6 +356,8 @@ def main(argv=None) -> int:
     print(format_table(results["rows"]))
     for note in results["notes"]:
         print(f"note: {note}")
+    if results["model"]["batchnorm_layers"] and not results["model"]["batchnorm_folded"]:
+        print(f"note: attacked the model as trained, BatchNorm not folded ({results['model']['reason']})")
     if results["sanity"]["warnings"]:
         for w in results["sanity"]["warnings"]:
             print(f"WARNING: {w}")

@@ -24,7 +24,9 @@ weights, bit for bit, as an uninterrupted run.
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import json
+import math
 import os
 import shutil
 import sys
@@ -37,17 +39,31 @@ import torch
 
 import sat_train
 from sat_train import distributed as D
-from sat_train.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from sat_train.config import ConfigError, TrainConfig, from_dict, load_saved, parse_argv, resume_values
+from sat_train.checkpoint import (CheckpointError, checkpoint_path, first_non_finite, load_checkpoint, rng_state,
+                                  save_checkpoint, set_rng_state)
+from sat_train.config import ConfigError, TrainConfig, config_from_argv
 from sat_train.loader import LoaderError
 from sat_train.methods import Method, config_p, config_tau
 from sat_train.models import build_model, model_spec
 from sat_train.optim import make_optimizer, make_scheduler
-from shards.format import ShardFormatError, atomic_write_json
+from shards.format import ShardFormatError, atomic_write_bytes, atomic_write_json
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
+CHECK_EVERY = 10  # steps between loss syncs (progress bar and the non-finite loss check)
+
+
+class TrainingDiverged(Exception):
+    """The loss or the weights became nan/inf; the message says where and what was kept."""
+
+
+class _NonFinite(Exception):
+    def __init__(self, step: int, value: float):
+        super().__init__(step, value)
+        self.step, self.value = step, value
+
+
 # OSError: unwritable run folder, disk full, ... (the message names the path)
-USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LoaderError, OSError)
+USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LoaderError, TrainingDiverged, OSError)
 
 
 def satpipe_version() -> str:
@@ -67,19 +83,40 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.run or f"runs/{cfg.method.replace('+', '-')}")
 
 
-def prepare_run_dir(cfg: TrainConfig, run: Path, info: D.DistInfo) -> None:
-    """Refuse to mix two runs in one folder; --overwrite clears this project's files only."""
-    has_run = checkpoint_path(run).exists() or (run / "metrics.jsonl").exists()
+def prepare_run_dir(cfg: TrainConfig, run: Path, info: D.DistInfo) -> bool:
+    """Refuse to mix two runs in one folder; --overwrite clears this project's files only. Returns
+    True when training continues from the run's checkpoint.
+
+    A folder whose run never finished an epoch (config.json, perhaps a metrics line or a temp file of
+    a checkpoint being written when it was killed, but no checkpoint) is not a run yet: a plain rerun
+    starts it, and so does --resume. Temp files of writes cut short by a kill are removed."""
+    ckpt = checkpoint_path(run)
+    if info.is_main:
+        for stale in [*run.glob(".*.tmp-*"), *ckpt.parent.glob(".*.tmp-*")]:
+            stale.unlink(missing_ok=True)
+    started = ckpt.exists() or (run / "summary.json").exists()
     if cfg.resume:
-        if not checkpoint_path(run).exists():
-            raise CheckpointError(f"{checkpoint_path(run)}: nothing to resume (no checkpoint)")
-        return
-    if has_run and not cfg.overwrite:
+        if ckpt.exists():
+            return True
+        if started:
+            raise CheckpointError(f"{ckpt}: no checkpoint to resume (the run finished and its checkpoint was removed?)")
+        if info.is_main:
+            print(f"sat-train fit: {run} holds no checkpoint yet (stopped in its first epoch): starting it from epoch 1",
+                  file=sys.stderr)
+    elif started and not cfg.overwrite:
         raise ConfigError(f"{run}: already holds a run; pass --resume to continue it or --overwrite to start over")
-    if info.is_main and has_run:
+    if info.is_main:
         for name in RUN_FILES:
             (run / name).unlink(missing_ok=True)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    return False
+
+
+def _ddp_without_buffer_sync() -> dict:
+    """DDP keyword that stops the per-forward buffer broadcast: `forward_sync_buffers` where this torch
+    has it (2.13 deprecates `broadcast_buffers` with a FutureWarning on every rank), else the old name."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device):
@@ -105,7 +142,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
     run = resolve_run_dir(cfg)
     if not cfg.shards:
         raise ConfigError("no training shards given (--shards DIR)")
-    prepare_run_dir(cfg, run, info)
+    resume = prepare_run_dir(cfg, run, info)
     D.barrier(info)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -119,11 +156,15 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
     loader = make_loader(cfg.shards, cfg.batch_size, train=True, backend=cfg.loader_backend, augment=cfg.augment,
                          crop_padding=cfg.crop_padding, flip=cfg.flip, seed=cfg.seed, rank=info.rank,
                          world_size=info.world_size, device=device, num_workers=cfg.num_workers,
-                         decode=cfg.loader_decode, memory_fraction=cfg.loader_memory_fraction)
+                         decode=cfg.loader_decode, memory_fraction=cfg.loader_memory_fraction,
+                         verify=cfg.verify_shards)
     manifest = loader.manifest
     img = manifest.image
     spec = model_spec(cfg.arch, manifest.num_classes, img["channels"], img["height"])
-    bare = build_model(**spec).to(device)
+    try:  # the shard set may not fit any model: one class, images under 8 px, ...
+        bare = build_model(**spec).to(device)
+    except ValueError as e:
+        raise ConfigError(f"{manifest.root / 'manifest.json'}: {e}") from None
     channels_last = cfg.channels_last and device.type == "cuda"
     if channels_last:
         bare = bare.to(memory_format=torch.channels_last)
@@ -134,7 +175,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
 
     start_epoch = 0
-    if cfg.resume:
+    if resume:
         # to the CPU: load_state_dict moves weights and optimizer state to the model's device, and the
         # RNG states must stay CPU byte tensors (mapped to CUDA, torch.set_rng_state refuses them)
         ckpt = load_checkpoint(run, map_location="cpu")
@@ -152,7 +193,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
     if info.enabled:
         # buffers are averaged once per epoch (D.average_buffers), not broadcast at every forward
         model = torch.nn.parallel.DistributedDataParallel(bare, device_ids=[device] if device.type == "cuda" else None,
-                                                          broadcast_buffers=False)
+                                                          **_ddp_without_buffer_sync())
     if cfg.compile:
         model = torch.compile(model)
     method = Method.from_config(cfg, channels_last=channels_last)
@@ -172,28 +213,38 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
 
     history = []
     last_epoch = cfg.epochs if not cfg.stop_after_epochs else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
-    for epoch in range(start_epoch, last_epoch):
-        p = config_p(cfg, epoch)
-        loader.set_epoch(epoch)
-        gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, epoch, info.rank))
-        coin = torch.Generator().manual_seed(_seed(cfg.seed, epoch, 1 << 20))  # same on every rank
-        stats = run_epoch(model, bare, loader, method, optimizer, scheduler, scaler, autocast, p, gen, coin, cfg,
-                          steps_per_epoch, info, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        D.average_buffers(bare, info)
-        row = {"epoch": epoch, "p": p, **stats}
-        history.append(row)
-        if main:
-            # metrics line first, checkpoint second: after a crash between the two, --resume redoes the
-            # epoch and drops the line (_trim_metrics); the other order could lose an epoch's line
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            save_checkpoint(checkpoint_path(run), {
-                "model": bare.state_dict(), "model_spec": spec, "config": cfg.to_dict(), "epoch": epoch + 1,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                "classes": list(manifest.classes), "shards_fingerprint": manifest.fingerprint,
-                "satpipe_version": satpipe_version()})
-        D.barrier(info)
-    loader.close()
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            p = config_p(cfg, epoch)
+            loader.set_epoch(epoch)
+            gen = torch.Generator(device=device).manual_seed(_seed(cfg.seed, epoch, info.rank))
+            coin = torch.Generator().manual_seed(_seed(cfg.seed, epoch, 1 << 20))  # same on every rank
+            try:
+                stats = run_epoch(model, bare, loader, method, optimizer, scheduler, scaler, autocast, p, gen, coin,
+                                  cfg, steps_per_epoch, info, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+            except _NonFinite as e:
+                raise _diverged(run, epoch, f"loss became {e.value} at step {e.step + 1}/{steps_per_epoch}") from None
+            D.average_buffers(bare, info)
+            # same verdict on every rank: the loss is all-reduced, weights and averaged buffers are identical
+            bad = "loss" if not math.isfinite(stats["loss"]) else first_non_finite(bare.state_dict())
+            if bad is not None:
+                raise _diverged(run, epoch, f"{bad!r} holds nan or inf at the end of the epoch")
+            row = {"epoch": epoch, "p": p, **stats}
+            history.append(row)
+            if main:
+                # metrics line first, checkpoint second: after a crash between the two, --resume redoes the
+                # epoch and drops the line (_trim_metrics); the other order could lose an epoch's line
+                with open(run / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                save_checkpoint(checkpoint_path(run), {
+                    "model": bare.state_dict(), "model_spec": spec, "config": cfg.to_dict(), "epoch": epoch + 1,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                    "classes": list(manifest.classes), "shards_fingerprint": manifest.fingerprint,
+                    "satpipe_version": satpipe_version()})
+                print(_epoch_line(row, cfg.epochs, history, last_epoch), file=sys.stderr, flush=True)
+            D.barrier(info)
+    finally:
+        loader.close()
     summary = _summary(cfg, manifest, run, _read_metrics(run / "metrics.jsonl") if main else history, info, last_epoch)
     if main and last_epoch == cfg.epochs:
         atomic_write_json(run / "summary.json", summary)
@@ -202,58 +253,102 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
     return (bare, summary) if return_model else summary
 
 
+def _diverged(run: Path, epoch: int, what: str) -> TrainingDiverged:
+    kept = (f"{checkpoint_path(run)} keeps epoch {epoch}, the last good one" if epoch else
+            "no checkpoint was written")
+    return TrainingDiverged(f"training diverged in epoch {epoch + 1}: {what}; {kept} (lower --lr, or check the "
+                            f"data and --weight-decay)")
+
+
+def _epoch_line(row: dict, epochs: int, history: list[dict], last_epoch: int) -> str:
+    """One line per epoch (also without progress bars, e.g. inside `sat-train experiment`)."""
+    mean_time = sum(r["epoch_time_s"] for r in history) / len(history)
+    left = mean_time * (last_epoch - row["epoch"] - 1)
+    return (f"epoch {row['epoch'] + 1}/{epochs}  loss {row['loss']:.4f}  acc {row['train_acc']:.3f}  p {row['p']:.3f}  "
+            f"{row['images_per_s']:.0f} img/s  {row['epoch_time_s']:.1f} s  ~{_duration(left)} left")
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
 def run_epoch(model, bare, loader, method, optimizer, scheduler, scaler, autocast, p, gen, coin, cfg, steps,
               info, desc) -> dict:
+    """One epoch; raises _NonFinite (first bad step, value) when the loss turns nan or inf. The check
+    rides on the loss sync every CHECK_EVERY steps; under DDP the verdict is all-reduced, so every
+    rank stops at the same step (no rank waits in a collective the others left)."""
     from tqdm import tqdm
 
     model.train()
     device = info.device
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss*n, n, input-correct, clean-correct, clean-n
+    losses = torch.zeros(steps, dtype=torch.float32, device=device)  # per step: names the step that diverged
     kinds: dict[str, int] = {}
-    bar = tqdm(total=steps, desc=desc, disable=not (cfg.progress and info.is_main), leave=True, file=sys.stderr,
-               dynamic_ncols=True)
+    show = cfg.progress and info.is_main and sys.stderr.isatty()  # piped output gets the epoch line only
+    bar = tqdm(total=steps, desc=desc, disable=not show, leave=True, file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
-    for i, (x, s, y) in enumerate(loader):
-        if i >= steps:
-            break
-        with autocast():
-            out = method.step(model, bare, x, s, y, p=p, generator=gen, coin=coin)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out.loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        kinds[out.perturbation] = kinds.get(out.perturbation, 0) + 1
-        with torch.no_grad():
-            n = len(y)
-            clean = out.clean_logits
-            if clean is None and i % cfg.clean_acc_every == 0:
-                # clean accuracy of the model being trained: eval mode, so no BN statistics move
-                was = bare.training
-                bare.eval()
-                with autocast():
-                    clean = bare(x)
-                bare.train(was)
-            batch = torch.stack([out.loss.detach().double() * n, torch.tensor(n, dtype=torch.float64, device=device),
-                                 (out.train_logits.argmax(1) == y).sum().double(),
-                                 (clean.argmax(1) == y).sum().double() if clean is not None else _zero(device),
-                                 torch.tensor(n if clean is not None else 0, dtype=torch.float64, device=device)])
-            sums += batch
-        if info.is_main and cfg.progress and (i % 10 == 0 or i == steps - 1):
-            v = sums.tolist()  # one device sync every 10 steps, not every step
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{v[0] / v[1]:.4f}", acc=f"{v[3] / max(v[4], 1):.3f}",
-                            img_s=f"{v[1] * info.world_size / max(elapsed, 1e-9):.0f}")
-        bar.update(1)
+    try:
+        for i, (x, s, y) in enumerate(loader):
+            if i >= steps:
+                break
+            with autocast():
+                out = method.step(model, bare, x, s, y, p=p, generator=gen, coin=coin)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            kinds[out.perturbation] = kinds.get(out.perturbation, 0) + 1
+            with torch.no_grad():
+                n = len(y)
+                clean = out.clean_logits
+                if clean is None and i % cfg.clean_acc_every == 0:
+                    # clean accuracy of the model being trained: eval mode, so no BN statistics move
+                    was = bare.training
+                    bare.eval()
+                    with autocast():
+                        clean = bare(x)
+                    bare.train(was)
+                losses[i] = out.loss.detach().float()
+                batch = torch.stack([out.loss.detach().double() * n, torch.tensor(n, dtype=torch.float64, device=device),
+                                     (out.train_logits.argmax(1) == y).sum().double(),
+                                     (clean.argmax(1) == y).sum().double() if clean is not None else _zero(device),
+                                     torch.tensor(n if clean is not None else 0, dtype=torch.float64, device=device)])
+                sums += batch
+            if i % CHECK_EVERY == 0 or i == steps - 1:
+                _check_finite(losses, i, info)  # one device sync every CHECK_EVERY steps, not every step
+                if show:
+                    v = sums.tolist()
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{v[0] / v[1]:.4f}", acc=f"{v[3] / max(v[4], 1):.3f}",
+                                    img_s=f"{v[1] * info.world_size / max(elapsed, 1e-9):.0f}")
+            bar.update(1)
+    finally:
+        bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
-    bar.close()
     D.all_reduce_sum(sums, info)
     loss_n, n, input_correct, clean_correct, clean_n = sums.tolist()
     return {"loss": loss_n / n, "train_acc": clean_correct / max(clean_n, 1), "input_acc": input_correct / n,
             "lr": optimizer.param_groups[0]["lr"], "images_per_s": n / elapsed, "epoch_time_s": elapsed,
             "images": int(n), "perturbations": kinds}
+
+
+def _check_finite(losses: torch.Tensor, i: int, info: D.DistInfo) -> None:
+    """Raise _NonFinite if any rank's loss of steps 0..i was nan or inf (the first such step, its value)."""
+    bad = ~torch.isfinite(losses[: i + 1])
+    flag = bad.any().double().reshape(1)
+    D.all_reduce_sum(flag, info)
+    if flag.item() == 0:
+        return
+    per_step = bad.double()
+    D.all_reduce_sum(per_step, info)  # rare path: which step went bad first, on any rank
+    step = int(per_step.nonzero()[0, 0])
+    value = float(losses[step]) if bad[step] else float("nan")  # this rank's loss there, if it was the bad one
+    raise _NonFinite(step, value)
 
 
 def _zero(device):
@@ -268,9 +363,7 @@ def _trim_metrics(path: Path, start_epoch: int) -> None:
 
 
 def atomic_write_json_lines(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -317,18 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     info = None
     try:
-        explicit = parse_argv(argv, description=__doc__)
-        if explicit.get("resume"):
-            run = Path(explicit.get("run") or "")
-            if not explicit.get("run"):
-                raise ConfigError("--resume needs --run RUN (the folder of the run to continue)")
-            explicit = resume_values(explicit, load_saved(run / "config.json"))
-        cfg = from_dict(explicit, "flags")
+        cfg = config_from_argv(argv, description=__doc__)
         info = D.setup(cfg.device)
         fit(cfg, info)
         return 0
-    except USER_ERRORS as e:  # a user's mistake: one line, no traceback
-        print(f"sat-train fit: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # a user's mistake, bad data or a diverged run: one line, no traceback
+        if info is None or info.is_main:  # under torchrun every rank raises the same: one line, not N
+            print(f"sat-train fit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the last completed epoch is in checkpoints/last.pt
         print("sat-train fit: interrupted; continue with --resume --run RUN", file=sys.stderr)

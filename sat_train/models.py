@@ -153,7 +153,18 @@ def small_cnn(widths, num_classes, in_channels):
     return nn.Sequential(*layers)
 
 
+FIXED_ARCHS = ("tiny-cnn", "cnn4", "resnet10", "resnet18", "resnet34", "preact-resnet18")
+_WRN = re.compile(r"wrn-(28|34)-([1-9]\d{0,2})")  # widen factor 1..999
+
+
+def check_arch(arch: str) -> None:
+    """ValueError unless `arch` names one of ARCHS (checked when a config is made, before any data is read)."""
+    if not (isinstance(arch, str) and (arch in FIXED_ARCHS or _WRN.fullmatch(arch))):
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)} (e.g. wrn-34-10)")
+
+
 def _body(arch, num_classes, in_channels):
+    check_arch(arch)
     if arch == "tiny-cnn":
         return small_cnn((8, 16), num_classes, in_channels)
     if arch == "cnn4":
@@ -163,10 +174,8 @@ def _body(arch, num_classes, in_channels):
         return ResNet(BasicBlock, blocks[arch], num_classes, in_channels)
     if arch == "preact-resnet18":
         return ResNet(PreActBlock, (2, 2, 2, 2), num_classes, in_channels, preact=True)
-    m = re.fullmatch(r"wrn-(28|34)-(\d+)", arch)
-    if m:
-        return WideResNet(int(m.group(1)), int(m.group(2)), num_classes, in_channels)
-    raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)} (e.g. wrn-34-10)")
+    m = _WRN.fullmatch(arch)  # the only other form check_arch lets through
+    return WideResNet(int(m.group(1)), int(m.group(2)), num_classes, in_channels)
 
 
 class Classifier(nn.Module):

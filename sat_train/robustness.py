@@ -77,29 +77,41 @@ def build_specs(cfg) -> list[Spec]:
     return specs
 
 
-def prepare_for_attack(model, example: torch.Tensor):
-    """The model as eval attacks it: eval mode, frozen weights, BatchNorm folded into the convolutions.
+def prepare_for_attack(model, example: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+    """(the model as eval attacks it, a record of which model that is).
 
-    In eval mode BatchNorm is a fixed affine map, so folding it into the preceding conv
-    (torch.fx.experimental.optimization.fuse) is the same function with one op less per layer, forward
-    and backward (~15% per PGD step on cnn4 / resnet18 on CPU). Models fx cannot trace, or whose folded
-    logits disagree with the original on `example`, are used unfolded."""
+    Eval mode, frozen weights, BatchNorm folded into the convolutions: in eval mode BatchNorm is a
+    fixed affine map, so folding it into the preceding conv (torch.fx.experimental.optimization.fuse)
+    is the same function with one op less per layer, forward and backward (~15% per PGD step on cnn4 /
+    resnet18 on CPU). Models fx cannot trace, or whose folded logits disagree with the original on
+    `example`, are attacked unfolded; the record says so and why ({"batchnorm_folded": bool,
+    "batchnorm_layers": int, "reason": str | None}), and eval writes it into its results."""
     model = model.eval()
     model.requires_grad_(False)  # eval never trains: attacks need input gradients only
+    layers = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+    def unfolded(reason: str):
+        return model, {"batchnorm_folded": False, "batchnorm_layers": layers, "reason": reason}
+
+    if not layers:
+        return unfolded("the model has no BatchNorm layers")
     try:
         with warnings.catch_warnings():  # torch.fx's imports raise torch.jit deprecation noise
             warnings.simplefilter("ignore", DeprecationWarning)
             from torch.fx.experimental.optimization import fuse
 
             folded = fuse(model).eval()
-        folded.requires_grad_(False)
-        with torch.no_grad():
-            a, b = model(example), folded(example)
-        if torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()) + 1e-6):
-            return folded
-    except Exception:  # tracing fails on data-dependent control flow: keep the model as it is
-        pass
-    return model
+    except Exception as e:  # tracing fails on data-dependent control flow, among others: recorded, not hidden
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return unfolded(f"torch.fx could not trace the model: {type(e).__name__}: {first}"[:300])
+    folded.requires_grad_(False)
+    with torch.no_grad():
+        a, b = model(example), folded(example)
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()) + 1e-6):
+        return unfolded(f"the folded model's logits differ from the original by up to {float((a - b).abs().max()):.3g}")
+    left = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    return folded, {"batchnorm_folded": True, "batchnorm_layers": layers,
+                    "reason": f"{left} BatchNorm layer(s) without a preceding conv kept" if left else None}
 
 
 def _generator(seed: int, spec: Spec, batch_no: int, device) -> torch.Generator:

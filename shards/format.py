@@ -20,7 +20,6 @@ its folder (`read_manifest` refuses `../x.tar`, `/etc/hostname`, ...).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import mmap
 import os

@@ -49,8 +49,16 @@ def test_unknown_keys_and_bad_values_rejected(tmp_path, capsys):
 
 
 def test_resume_may_change_only_runtime_fields():
-    saved = TrainConfig(shards="s", method="sat", epochs=2).to_dict()
-    merged = resume_values({"epochs": 4, "resume": True, "num_workers": 0}, saved)
-    assert merged["epochs"] == 4 and merged["method"] == "sat"
+    saved = TrainConfig(shards="s", method="sat", epochs=2, schedule="constant").to_dict()
+    merged = resume_values({"epochs": 4, "resume": True, "num_workers": 0, "verify_shards": "size"}, saved)
+    assert merged["epochs"] == 4 and merged["method"] == "sat" and merged["verify_shards"] == "size"
     with pytest.raises(ConfigError, match="cannot change lr, method"):
         resume_values({"method": "pgd", "lr": 0.3, "resume": True}, saved)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "piecewise"])
+def test_resume_refuses_new_epochs_where_the_schedule_depends_on_them(schedule):
+    saved = TrainConfig(shards="s", epochs=2, schedule=schedule).to_dict()
+    with pytest.raises(ConfigError, match=rf"cannot change epochs \(2 -> 4\) of a run with the {schedule} schedule"):
+        resume_values({"epochs": 4, "resume": True}, saved)
+    assert resume_values({"epochs": 2, "resume": True}, saved)["epochs"] == 2  # the same value is no change

@@ -75,6 +75,7 @@ def test_eval_writes_results_and_attacks_never_beat_clean(trained, capsys):
     assert aa["params"]["max_linf"] <= 64 / 255 + 1e-6 and aa["accuracy"] <= clean["accuracy"]
     assert len([r for r in rows if r["attack"] == "contrast"]) == 6
     assert result["config"]["eps"] == [2.0, 8.0] and isinstance(result["sanity"]["warnings"], list)
+    assert result["model"] == {"batchnorm_folded": True, "batchnorm_layers": 2, "reason": None}  # which model ran
     # the printed table has every row and the sanity verdict
     assert "autoattack" in out and "high-pass" in out and out.count("\npgd ") == len([r for r in rows if r["attack"] == "pgd"])
     assert ("gradient-masking checks: all passed" in out) == result["sanity"]["passed"]
@@ -197,7 +198,8 @@ def test_prepare_for_attack_folds_batchnorm_into_the_same_function():
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
     x = torch.rand(8, 1, 28, 28)
-    folded = prepare_for_attack(model, x[:2])
+    folded, record = prepare_for_attack(model, x[:2])
+    assert record == {"batchnorm_folded": True, "batchnorm_layers": 4, "reason": None}
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert not any(p.requires_grad for p in folded.parameters()) and not folded.training
     with torch.no_grad():
@@ -217,4 +219,25 @@ def test_prepare_for_attack_folds_batchnorm_into_the_same_function():
             return self.fc(z) if z.sum() > 0 else -self.fc(z)
 
     b = Branchy()
-    assert prepare_for_attack(b, torch.rand(2, 4)) is b
+    assert prepare_for_attack(b, torch.rand(2, 4)) == (b, {"batchnorm_folded": False, "batchnorm_layers": 0,
+                                                          "reason": "the model has no BatchNorm layers"})
+
+
+def test_a_batchnorm_folding_failure_is_recorded_not_swallowed():
+    """A model fx cannot trace is attacked unfolded, and the results say so and why (it used to be silent)."""
+    from sat_train.robustness import prepare_for_attack
+
+    class BranchyBN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, z):
+            z = self.bn(self.conv(z))
+            return z.mean((2, 3)) if z.sum() > 0 else -z.mean((2, 3))
+
+    model = BranchyBN()
+    same, record = prepare_for_attack(model, torch.rand(2, 3, 8, 8))
+    assert same is model and record["batchnorm_folded"] is False and record["batchnorm_layers"] == 1
+    assert record["reason"].startswith("torch.fx could not trace the model: TraceError")
+    # (eval writes the record into its results: see test_eval_writes_results_and_attacks_never_beat_clean)

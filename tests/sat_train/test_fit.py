@@ -94,3 +94,77 @@ def test_cuda_bf16_channels_last(method, tiny_shards, tmp_path):
     assert summary["device"].startswith("cuda") and rows[1]["loss"] < rows[0]["loss"]
     model, ckpt = load_model(run, device="cpu")
     assert next(model.parameters()).device.type == "cpu" and ckpt["epoch"] == 2
+
+
+def _cli(shards, run, *extra):
+    return ["--shards", str(shards), "--run", str(run), "--arch", "tiny-cnn", "--batch-size", "16",
+            "--loader-backend", "torch", "--num-workers", "0", "--no-progress", "--method", "standard", *extra]
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_shards, tmp_path, capsys):
+    """lr x 1e30 from the middle of training (piecewise, gamma 1e30): epoch 1 is fine, epoch 2 diverges.
+    The run must stop with one line naming the epoch and step, exit 2, and keep epoch 1's checkpoint."""
+    shards = tiny_shards(num_samples=32, per_shard=16)
+    run = tmp_path / "run"
+    rc = main(_cli(shards, run, "--epochs", "2", "--lr", "0.05", "--schedule", "piecewise", "--milestones", "0.5",
+                   "--gamma", "1e30"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("sat-train fit: error: training diverged in epoch 2: "), err
+    assert f"{run}/checkpoints/last.pt keeps epoch 1, the last good one" in err[-1]
+    assert [ln for ln in err if ln.startswith("epoch ")] == [next(ln for ln in err if ln.startswith("epoch 1/2"))]
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    assert [r["epoch"] for r in read_metrics(run)] == [0] and not (run / "summary.json").exists()
+
+
+def test_divergence_in_the_first_epoch_leaves_a_folder_a_plain_rerun_starts(tiny_shards, tmp_path, capsys):
+    shards = tiny_shards(num_samples=32, per_shard=16)
+    run = tmp_path / "run"
+    assert main(_cli(shards, run, "--epochs", "1", "--lr", "1e30")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "training diverged in epoch 1: loss became" in err[-1] and "no checkpoint was written" in err[-1], err
+    assert not (run / "checkpoints" / "last.pt").exists() and (run / "config.json").exists()
+    assert main(["--run", str(run), "--resume"]) == 2  # --resume starts it too (and diverges again: same lr)
+    err = capsys.readouterr().err
+    assert "holds no checkpoint yet (stopped in its first epoch): starting it from epoch 1" in err
+    assert "training diverged in epoch 1" in err
+    # as a kill between the first metrics line and the first checkpoint leaves it, with a checkpoint's temp file
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "loss": 1.0}) + "\n")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / ".last.pt.tmp-99999").write_bytes(b"half a checkpoint")
+    assert main(_cli(shards, run, "--epochs", "1", "--lr", "0.05")) == 0  # not a run yet: no --overwrite needed
+    assert read_metrics(run)[0]["loss"] != 1.0 and not list((run / "checkpoints").glob(".*tmp*"))
+    err = capsys.readouterr().err
+    assert "epoch 1/1  loss " in err and "img/s" in err and " left" in err  # the epoch line, without a bar
+    assert "\r" not in err  # no progress bar when stderr is not a terminal
+
+
+def test_non_finite_loss_verdict_is_shared_by_every_rank(tmp_path):
+    """Under DDP one rank's nan must stop every rank at the same step (a rank that stopped alone would
+    leave the others waiting in a collective): 2 gloo processes, the nan on rank 1 only."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys, torch, torch.distributed as dist
+        from sat_train import distributed as D
+        from sat_train.fit import _NonFinite, _check_finite
+        rank = int(sys.argv[1])
+        dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+        info = D.DistInfo(rank=rank, world_size=2, backend="gloo")
+        losses = torch.ones(20)
+        _check_finite(losses, 9, info)  # all finite: no rank stops
+        if rank == 1:
+            losses[13] = float("nan")
+        try:
+            _check_finite(losses, 19, info)
+            print("went on")
+        except _NonFinite as e:
+            print(f"stopped at {e.step}")
+        dist.destroy_process_group()
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), str(tmp_path / "store")], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [o.strip() for o, _ in outs] == ["stopped at 13", "stopped at 13"], outs

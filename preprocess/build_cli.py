@@ -47,6 +47,11 @@ _HELP = {
     "node_rank": "which part of a --num-nodes build this run writes",
     "overwrite": "replace an existing build with a different config or inputs",
     "progress": "show a progress bar (--no-progress to hide)",
+    "executor": "local: --workers processes on this machine; ray: one Ray task per shard over a Ray cluster "
+                "(pip install 'satpipe[ray]'), same bytes",
+    "ray_address": "with --executor ray: the cluster to join (e.g. HOST:6379); empty: start a local Ray "
+                   "instance with --workers CPUs",
+    "retries": "with --executor ray: times a failed shard task is tried again before the build stops",
 }
 _SKIP_FIELDS = ("source", "source_options")
 

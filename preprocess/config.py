@@ -17,7 +17,9 @@ IMAGE_FORMATS = ("jpg", "png", "raw")
 SALIENCY_KINDS = ("auto", "mask", "box", "foreground", "foreground-box", "none")
 
 # fields that do not change a single output byte: never saved, never compared
-RUNTIME_FIELDS = ("out", "workers", "num_nodes", "node_rank", "overwrite", "progress")
+RUNTIME_FIELDS = ("out", "workers", "num_nodes", "node_rank", "overwrite", "progress", "executor", "ray_address",
+                  "retries")
+EXECUTORS = ("local", "ray")
 # input locations: saved (so a user sees what was read) but not compared, because the same data
 # may sit at another path on another node; the input fingerprint covers their content
 PATH_FIELDS = ("root", "annotations", "images")
@@ -62,6 +64,9 @@ class BuildConfig:
     node_rank: int = 0
     overwrite: bool = False
     progress: bool = True
+    executor: str = "local"  # local: --workers processes here; ray: one Ray task per shard (preprocess/ray_executor.py)
+    ray_address: str = ""  # a running Ray cluster to join; empty: start a local instance with --workers CPUs
+    retries: int = 2  # --executor ray: a failed shard task is tried again this many times
 
     def __post_init__(self):
         self.validate()
@@ -88,6 +93,11 @@ class BuildConfig:
         need(0 <= self.node_rank < self.num_nodes, f"--node-rank must be in [0, {self.num_nodes}), got {self.node_rank}")
         need(bool(self.split) and "/" not in self.split and not self.split.startswith("."),
              f"--split must be a plain name, got {self.split!r}")
+        need(self.executor in EXECUTORS, f"--executor must be one of {EXECUTORS}, got {self.executor!r}")
+        need(type(self.retries) is int and self.retries >= 0, f"--retries must be >= 0, got {self.retries!r}")
+        need(self.executor == "ray" or not self.ray_address, "--ray-address needs --executor ray")
+        need(self.executor == "local" or self.num_nodes == 1,
+             "--executor ray spreads the shards over the cluster itself; --num-nodes is for builds without Ray")
 
     # ------------------------------------------------------------------ (de)serialization
 

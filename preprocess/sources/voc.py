@@ -75,8 +75,9 @@ class VocSource(Source):
             "help": "folders without ImageSets split lists (tool exports): --split val takes this fraction of "
                     "the images (chosen by a hash of each id), --split train the rest; --split all takes every image"})
         classes_file: str = field(default="", metadata={
-            "help": "class names, one per line, in label order (default: the 20 VOC classes; for folders "
-                    "without split lists, the names found in all their XML files when any is not a VOC class)"})
+            "help": "class names, one per line, in label order (a relative path is under --root); default: "
+                    "the 20 VOC classes, or for folders without split lists the names found in all their XML "
+                    "files when any is not a VOC class"})
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -92,8 +93,9 @@ class VocSource(Source):
         self.class_index = {c: i for i, c in enumerate(self._classes)}
 
     def _read_classes(self) -> list[str]:
-        if self.options.classes_file:
+        if self.options.classes_file:  # (relative: under --root, as mask-folders' list files)
             path = Path(self.options.classes_file)
+            path = path if path.is_absolute() else Path(self.cfg.root) / path
             try:
                 names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
             except (OSError, UnicodeDecodeError) as e:
@@ -132,8 +134,11 @@ class VocSource(Source):
               "annotations_sha256": h.hexdigest(), "ids": len(lay.entries),
               "images_sha256": files_digest(images, self.root),
               "masks_sha256": files_digest([p for p in pngs if p.is_file()], self.root)}
-        if lay.split_rule != "list":  # (kept out of the classic layout's fingerprint: old builds resume)
-            fp.update(layout="labelImg" if lay.flat else "voc", split_rule=lay.split_rule, classes=self._classes)
+        # (kept out of the classic layout's fingerprint: builds made before these existed resume)
+        if lay.split_rule != "list":
+            fp.update(layout="labelImg" if lay.flat else "voc", split_rule=lay.split_rule)
+        if self._classes != VOC_CLASSES:
+            fp["classes"] = self._classes
         return fp
 
     def _image_path(self, xml: Path, image_id: str, filename: str) -> Path:

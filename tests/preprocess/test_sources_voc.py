@@ -201,6 +201,10 @@ def test_labelimg_xml_beside_its_image(tmp_path):
     assert manifest["counts"]["written"] == 4 and manifest["counts"]["skipped"] == {}
     assert sorted((s["meta"]["source_id"], s["label"]) for s in samples) == [
         ("aisle/shelf_3", 1), ("shelf_1", 0), ("shelf_1", 1), ("shelf_2", 0)]
+    (root / "classes.txt").write_text("widget\n")  # a class list of one's own: gadgets become unknown
+    src = VocSource(BuildConfig(source="voc", root=str(root), split="all", unit="object",
+                                source_options={"classes_file": "classes.txt"}))
+    assert src.classes() == ["widget"] and [s.reason for s in src.items()[1]] == ["unknown class name"] * 2
 
 
 def test_filename_leaving_the_image_folder_is_skipped(voc, tmp_path):

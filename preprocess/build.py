@@ -11,6 +11,7 @@ comes last. Re-running the same command resumes (see preprocess/plan.py).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sys
 import threading
 import uuid
@@ -135,13 +136,14 @@ def _header(cfg: BuildConfig, source, kind: str, shards: list[ShardPlan], plan_s
 
 def build(cfg: BuildConfig, log=print) -> dict | None:
     """Run a build; returns the manifest (None for a non-final node of a multi-node build)."""
-    starter = PoolStarter(cfg.workers) if cfg.workers > 1 else None  # see preprocess/workers.py
+    local_pool = cfg.workers > 1 and cfg.executor == "local"
+    starter = PoolStarter(cfg.workers) if local_pool else None  # see preprocess/workers.py
     import cv2
 
     # --workers 1 builds in this process: one core too, like each worker (OpenCV would otherwise
     # spread decode/resize over every core, and "1 worker" would not mean one core)
     cv2_threads = cv2.getNumThreads()
-    if starter is None:
+    if starter is None and cfg.executor == "local":
         cv2.setNumThreads(1)
     try:
         return _build(cfg, log, starter)
@@ -160,6 +162,9 @@ def _build(cfg: BuildConfig, log, starter) -> dict | None:
         cfg = dataclasses.replace(cfg, size=defaults.get("size", 64))
     if cfg.unit not in source_cls.units:
         raise BuildError(f"source {cfg.source!r} supports --unit {'|'.join(source_cls.units)}, not {cfg.unit!r}")
+    if cfg.executor == "ray" and importlib.util.find_spec("ray") is None:  # say so before any planning
+        from preprocess.ray_executor import import_ray
+        import_ray()
     try:
         kind = source_cls.resolve_saliency(cfg.saliency)
     except ValueError as e:
@@ -189,26 +194,20 @@ def _build(cfg: BuildConfig, log, starter) -> dict | None:
         else:
             sides[s.name] = done
     node = f" (node {cfg.node_rank} of {cfg.num_nodes})" if cfg.num_nodes > 1 else ""
-    log(f"building {out}{node}: {sum(s.expected for s in mine)} samples planned in {len(mine)} shards, "
-        f"{len(sides)} already complete, {len(todo)} to build, {min(cfg.workers, max(len(todo), 1))} workers")
-    # a thread lock: tqdm's default multiprocessing lock leaks a semaphore under forkserver
-    tqdm.set_lock(threading.RLock())
-    bar = tqdm(total=sum(s.expected for s in todo), unit="sample", disable=not cfg.progress or not todo,
-               file=sys.stderr, dynamic_ncols=True)
+    planned = (f"building {out}{node}: {sum(s.expected for s in mine)} samples planned in {len(mine)} shards, "
+               f"{len(sides)} already complete, {len(todo)} to build")
     job = Job(source, cfg, kind, out, header["plan"], token=uuid.uuid4().hex)
-    tasks = [(job, s) for s in todo]
-    pool = starter.get() if starter is not None else None
-    results = pool.imap_unordered(build_shard, tasks) if pool is not None else map(build_shard, tasks)
-    by_name = {s.name: s for s in todo}
-    try:
-        for name, side in results:
-            sides[name] = side
-            bar.update(by_name[name].expected)
-    finally:
-        bar.close()
-    if pool is not None:
-        pool.close()  # workers exit on their own (terminate would skip their cleanup)
-        pool.join()
+    if cfg.executor == "ray" and todo:
+        _build_on_ray(cfg, job, todo, sides, lambda how: log(f"{planned}, {how}"))
+    else:
+        log(f"{planned}, {min(cfg.workers, max(len(todo), 1))} workers")
+        pool = starter.get() if starter is not None else None
+        tasks = [(job, s) for s in todo]
+        _collect(cfg, todo, pool.imap_unordered(build_shard, tasks) if pool is not None else map(build_shard, tasks),
+                 sides)
+        if pool is not None:
+            pool.close()  # workers exit on their own (terminate would skip their cleanup)
+            pool.join()
     atomic_write_json(state_dir(out) / f"node-{cfg.node_rank}-of-{cfg.num_nodes}.json",
                       {"plan": header["plan"], "shards": [s.name for s in mine]})
     if cfg.num_nodes > 1:
@@ -219,6 +218,36 @@ def _build(cfg: BuildConfig, log, starter) -> dict | None:
     manifest = write_manifest(out, header, [sides[s.name] for s in shards])
     log(summary_line(out, manifest))
     return manifest
+
+
+def _collect(cfg: BuildConfig, todo: list[ShardPlan], results, sides: dict) -> None:
+    """Take (name, sidecar) results as shards finish, with one progress bar over all of them."""
+    # a thread lock: tqdm's default multiprocessing lock leaks a semaphore under forkserver
+    tqdm.set_lock(threading.RLock())
+    bar = tqdm(total=sum(s.expected for s in todo), unit="sample", disable=not cfg.progress or not todo,
+               file=sys.stderr, dynamic_ncols=True)
+    by_name = {s.name: s for s in todo}
+    try:
+        for name, side in results:
+            sides[name] = side
+            bar.update(by_name[name].expected)
+    finally:
+        bar.close()
+
+
+def _build_on_ray(cfg: BuildConfig, job: Job, todo: list[ShardPlan], sides: dict, log) -> None:
+    """--executor ray: the same shards, one Ray task each (preprocess/ray_executor.py)."""
+    from preprocess import ray_executor as rx
+
+    ray = rx.import_ray()
+    started = rx.connect(ray, cfg)
+    try:
+        where = cfg.ray_address or ("this process's Ray session" if not started else "a local Ray instance")
+        log(f"one Ray task per shard on {where} ({rx.cluster_cpus(ray)} CPUs), up to {cfg.retries} retries each")
+        _collect(cfg, todo, rx.run_shards(ray, job, todo, cfg.retries), sides)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def run(cfg: BuildConfig) -> int:

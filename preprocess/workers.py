@@ -72,17 +72,25 @@ def reap_helpers() -> None:
         t.join()
 
 
-def workers_requested(argv: list[str]) -> int:
-    """--workers N (or --workers=N) from a build-shards command line; 0 when absent or malformed."""
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of `--name V` or `--name=V` on a command line (the first one), else None."""
     for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--workers=") else \
-            argv[i + 1] if arg == "--workers" and i + 1 < len(argv) else None
-        if value is not None:
-            try:
-                return int(value)
-            except ValueError:
-                return 0
-    return 0
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def workers_requested(argv: list[str]) -> int:
+    """--workers N (or --workers=N) from a build-shards command line; 0 when absent or malformed, and
+    with --executor ray (its tasks run in Ray's worker processes: no forkserver here)."""
+    if _flag(argv, "--executor") == "ray":
+        return 0
+    try:
+        return int(_flag(argv, "--workers") or 0)
+    except ValueError:
+        return 0
 
 
 def init_worker() -> None:

@@ -230,6 +230,7 @@ def test_workers_requested_reads_the_command_line():
     assert workers_requested(["coco", "--workers=3"]) == 3
     assert workers_requested(["coco", "--size", "32"]) == 0
     assert workers_requested(["coco", "--workers", "two"]) == 0 and workers_requested(["coco", "--workers"]) == 0
+    assert workers_requested(["coco", "--workers", "2", "--executor", "ray"]) == 0  # Ray's processes build
 
 
 def test_help_names_each_default_once():
@@ -298,3 +299,13 @@ def test_a_set_with_masks_for_some_images_counts_both_kinds(tmp_path):
     assert sorted(_sample_kinds(tmp_path / "out")) == ["box"] * 3 + ["mask"] * 2
     from preprocess.info import describe
     assert "saliency    mixed: box 3, mask 2 (requested mask)" in describe(tmp_path / "out")
+
+
+def test_executor_ray_without_ray_installed_says_what_to_install(coco, tmp_path, monkeypatch, capsys):
+    from preprocess.build import run
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as it does where Ray is not installed
+    assert run(cfg_for(coco, tmp_path / "o", executor="ray")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--executor ray needs Ray: pip install 'satpipe[ray]'" in err
+    assert not (tmp_path / "o").exists()  # refused before planning or writing anything

@@ -1,0 +1,104 @@
+"""`build-shards --executor ray`: every planned shard is one Ray task running `build.build_shard`.
+
+    preprocess build-shards coco ... --executor ray --workers 8              # a local Ray instance, 8 CPUs
+    preprocess build-shards coco ... --executor ray --ray-address HOST:6379  # join the user's cluster
+
+What stays with the driver (this process): the plan, the check of which shards are already complete
+(a re-run skips them, as with --workers), the progress bar and the manifest, all the same code as a
+local build, so the bytes are the same. The tasks write each shard and its sidecar into --out
+directly: on a cluster --out must be a folder every node sees (a shared file system).
+
+Failures: Ray retries a task that raised or whose worker died (`--retries`, default 2; a shard is
+idempotent: same name, same bytes, temp name + rename); when one still fails, the build cancels the
+rest and stops with one line naming the shard and the cause. Complete shards stay, so a re-run of
+the same command resumes.
+
+Ray is optional (`pip install 'satpipe[ray]'`); only this module imports it. Without --ray-address a
+local instance is started with --workers CPUs and stopped when the build ends; a process that has
+already called `ray.init` (a notebook, a test) has its session used as it is.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator
+
+from preprocess.plan import BuildError, ShardPlan
+
+_WORKER_READY = False  # per Ray worker process: init_worker ran
+
+
+def _build_shard_task(job, shard: ShardPlan) -> tuple[str, dict]:
+    """The Ray task: the local workers' build_shard, after the same per-process setup."""
+    global _WORKER_READY
+    if not _WORKER_READY:
+        from preprocess.workers import init_worker
+
+        init_worker()  # one OpenCV thread per task (Ray runs one task per CPU), heap kept for decode buffers
+        _WORKER_READY = True
+    from preprocess.build import build_shard
+
+    return build_shard((job, shard))
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise BuildError("--executor ray needs Ray: pip install 'satpipe[ray]' (or 'ray>=2.40')") from None
+    return ray
+
+
+def connect(ray, cfg) -> bool:
+    """Join --ray-address, or start a local instance with --workers CPUs; True when this build must
+    stop it again. An existing session of this process is used as it is."""
+    if ray.is_initialized():
+        return False
+    # Ray's own notices (token authentication is on, ...) would bury the build's lines; errors still show
+    quiet = dict(logging_level=logging.ERROR, log_to_driver=True)
+    try:
+        if cfg.ray_address:
+            ray.init(address=cfg.ray_address, **quiet)
+        else:
+            # a local instance is this build's alone: nothing of it needs to be reported anywhere
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            ray.init(num_cpus=cfg.workers, include_dashboard=False, **quiet)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        where = f"--ray-address {cfg.ray_address}" if cfg.ray_address else "a local Ray instance"
+        raise BuildError(f"{where}: cannot start or join Ray ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                         code=1) from None
+    return True
+
+
+def cluster_cpus(ray) -> int:
+    return int(ray.cluster_resources().get("CPU", 0))
+
+
+def _cause(ray, err: Exception) -> str:
+    """The first line of what made a task fail: the task's own exception, or what Ray says happened."""
+    cause = getattr(err, "cause", None) if isinstance(err, ray.exceptions.RayTaskError) else err
+    cause = cause if cause is not None else err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def run_shards(ray, job, todo: list[ShardPlan], retries: int) -> Iterator[tuple[str, dict]]:
+    """Submit one task per shard (all at once: Ray queues them by free CPU); yield (name, sidecar) as
+    tasks finish. A task that still fails after `retries` retries stops the build (BuildError)."""
+    task = ray.remote(_build_shard_task).options(num_cpus=1, max_retries=retries, retry_exceptions=True)
+    job_ref = ray.put(job)  # the source and config go to the cluster once, not once per shard
+    pending = {task.remote(job_ref, s): s for s in todo}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                shard = pending.pop(ref)
+                try:
+                    yield ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    raise BuildError(f"shard {shard.name} failed {retries + 1} time(s), the last with "
+                                     f"{_cause(ray, e)}; complete shards are kept, re-run the same command "
+                                     "to resume", code=1) from None
+    finally:
+        for ref in pending:  # the build stopped (an error, Ctrl-C): nothing more is started for it
+            ray.cancel(ref)

@@ -1,26 +1,36 @@
-"""`sat-train compare`: one markdown table and a few plots over several runs.
+"""`sat-train compare`: the report over several runs: one row per run group (mean ± std over seeds), plots,
+gradient-masking checks.
 
     sat-train compare runs/standard runs/sat runs/pgd --out report/
     sat-train compare runs/* --out report/ --eval test      # pick the evaluation set when runs have several
 
-Reads each run's summary.json (method, saliency source, train time, images/s), config.json (seed),
-experiment.json when `sat-train experiment` made the run (its saliency-source label),
-metrics.jsonl (loss per epoch) and RUN/eval/<set>.json (from `sat-train eval`), and writes
-report/report.md (table: method, saliency source, clean, PGD at each eps, AutoAttack, CW, train time,
-images/s; mean +- std over seeds when a (method, saliency) pair has several runs; distortions),
-report/accuracy_vs_eps.png (every run on one figure), report/train_loss.png, report/distortions.png
-and report/report.json. Every file is written under a temporary name and renamed when complete.
+Reads each run's config.json and summary.json (method, curriculum, eps, train time, images/s), the
+manifest of its training set (the saliency kind), experiment.json when `sat-train experiment` made the
+run (its saliency-source name), metrics.jsonl (loss per epoch), RUN/eval/<set>.json (from `sat-train
+eval`) and RUN/eval/clean-all/<set>.json (clean accuracy on the whole set, when the experiment made one).
+
+A group is every run whose config differs only in the seed (and runtime fields). report/report.md holds:
+- per group: method, saliency source and kind, curriculum (a, tau, final p), training eps, seeds, clean /
+  PGD at each eps / AutoAttack as mean ± std over seeds, train time per epoch and images/s;
+- gradient-masking checks for every run trained against a perturbation: AutoAttack not far below PGD
+  at its eps, accuracy falling with eps, and the evaluation's own sanity warnings;
+- per run: the same numbers, one seed each; natural distortions when evaluated;
+report/accuracy_vs_eps.png (group means with ± std bars, one panel per training eps),
+report/train_loss.png, report/distortions.png and report/report.json (every number of the tables).
+Every file is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
 from sat_train.distortions import LEVELS
+
+AA_GAP = 5.0  # accuracy points: AutoAttack further below PGD than this suggests gradient masking
 
 
 class CompareError(Exception):
@@ -49,6 +59,27 @@ def eval_sets(run: Path) -> list[str]:
     return sorted(p.stem for p in (run / "eval").glob("*.json") if not p.name.startswith("."))
 
 
+def saliency_kind(shards: str | None, fallback: str | None) -> str | None:
+    """How the training set's maps were made, from its manifest: the saliency block's kind, with the
+    count per kind when the set mixes kinds (e.g. "mask 812, box 188"); else the build config's."""
+    manifest = None
+    if shards and (Path(shards) / "manifest.json").is_file():
+        try:
+            manifest = json.loads((Path(shards) / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            manifest = None
+    if not manifest:
+        return fallback
+    block = manifest.get("saliency") if isinstance(manifest.get("saliency"), dict) else {}
+    counts = block.get("counts") or block.get("kinds")
+    if isinstance(counts, dict) and len(counts) > 1:
+        return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    kind = block.get("kind") or manifest.get("config", {}).get("saliency") or fallback
+    if kind == "teacher" and block.get("explainer"):
+        kind = f"teacher ({block['explainer']})"
+    return kind
+
+
 def load_run(run: Path, eval_name: str | None) -> dict:
     run = Path(run)
     if not run.is_dir():
@@ -58,22 +89,42 @@ def load_run(run: Path, eval_name: str | None) -> dict:
     if not summary and not config:
         raise CompareError(f"{run}: not a run folder (no summary.json or config.json)")
     metrics = _read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
-    evaluation = None
+    evaluation = clean_all = None
     if eval_name is not None and (run / "eval" / f"{eval_name}.json").exists():
         evaluation = _read_json(run / "eval" / f"{eval_name}.json")
         if "rows" not in evaluation:
             raise CompareError(f"{run / 'eval' / (eval_name + '.json')}: not a sat-train eval result (no rows)")
+        if (run / "eval" / "clean-all" / f"{eval_name}.json").exists():
+            clean_all = _read_json(run / "eval" / "clean-all" / f"{eval_name}.json")
     method = summary.get("method") or config.get("method", "?")
     # `sat-train experiment` labels each run with its grid's saliency-source name; else the shard set's own
     label = _read_json(run / "experiment.json").get("saliency") if (run / "experiment.json").exists() else None
+    uses_saliency = "sat" in method
     train_time = summary.get("train_time_s", sum(m.get("epoch_time_s", 0.0) for m in metrics) or None)
     ips = summary.get("images_per_s")
     if ips is None and metrics:
         ips = statistics.fmean(m.get("images_per_s", 0.0) for m in metrics)
-    return {"run": str(run), "name": run.name, "method": method,
-            "saliency": (label or summary.get("saliency_source")) if "sat" in method else None,
-            "seed": config.get("seed"), "arch": summary.get("arch") or config.get("arch"), "epochs": len(metrics),
-            "train_time_s": train_time, "images_per_s": ips, "metrics": metrics, "eval": evaluation}
+    epochs = len(metrics) or summary.get("epochs")
+    return {"run": str(run), "name": run.name, "method": method, "config": config,
+            "saliency": (label or summary.get("saliency_source")) if uses_saliency else None,
+            "kind": saliency_kind(summary.get("shards") or config.get("shards"), summary.get("saliency_source"))
+            if uses_saliency else None,
+            "seed": config.get("seed"), "arch": summary.get("arch") or config.get("arch"), "epochs": epochs,
+            "eps": config.get("eps") if method != "standard" else None, "curriculum": curriculum(config, summary)
+            if uses_saliency else None, "train_time_s": train_time, "images_per_s": ips,
+            "epoch_time_s": train_time / epochs if train_time and epochs else None,
+            "metrics": metrics, "eval": evaluation, "clean_all": clean_all}
+
+
+def curriculum(config: dict, summary: dict) -> str:
+    """SAT's schedule as a label: fixed p, or a, tau (and the final p asked for / reached)."""
+    if config.get("sat_p") is not None:
+        return f"p={config['sat_p']:g} fixed"
+    a, tau, final = config.get("sat_a", 0.6), summary.get("sat_tau", config.get("sat_tau", 10.0)), summary.get("final_p")
+    label = f"a={a:g} τ={tau:.3g}"
+    if config.get("sat_final_p") is not None:
+        return label + f" → p={config['sat_final_p']:g}"
+    return label + (f" → p={final:.2f}" if final is not None else "")
 
 
 def pick_eval_name(runs: list[Path], wanted: str | None) -> str | None:
@@ -102,6 +153,13 @@ def _first(evaluation: dict | None, attack: str):
     return next((r for r in evaluation["rows"] if r["attack"] == attack), None)
 
 
+def clean_accuracy(run: dict):
+    """(accuracy, n): on the whole set when the experiment measured it there, else the eval's."""
+    if run["clean_all"]:
+        return run["clean_all"]["clean_accuracy"], run["clean_all"]["n"]
+    return (run["eval"]["clean_accuracy"], run["eval"].get("n")) if run["eval"] else (None, None)
+
+
 def distortion_curves(evaluation: dict | None) -> dict:
     if not evaluation:
         return {}
@@ -120,21 +178,33 @@ def _num(v, fmt="{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def _eps_label(e) -> str:
-    return f"{e:g}/255"
+def eps_label(e) -> str:
+    """eps in 1/255 as written in the tables: whole numbers as N/255, others in pixel units (25.5 -> 0.1)."""
+    return f"{e:g}/255" if abs(e - round(e)) < 1e-9 else f"{e / 255:.3g}"
+
+
+def _train_eps(run: dict) -> str:
+    return "-" if run["eps"] is None else eps_label(round(run["eps"] * 255, 6))
+
+
+def columns(runs: list[dict]) -> tuple[list[float], list[float]]:
+    """(PGD eps, AutoAttack eps) over all runs, in 1/255."""
+    eps = sorted({e for r in runs for e in pgd_curve(r["eval"])})
+    aa = sorted({_first(r["eval"], "autoattack")["eps_255"] for r in runs if _first(r["eval"], "autoattack")})
+    return eps, aa
 
 
 def table_rows(runs: list[dict]) -> tuple[list[str], list[list[str]], list[float]]:
-    eps = sorted({e for r in runs for e in pgd_curve(r["eval"])})
-    aa_eps = sorted({_first(r["eval"], "autoattack")["eps_255"] for r in runs if _first(r["eval"], "autoattack")})
-    head = ["run", "method", "saliency source", "seed", "clean"] + [f"PGD {_eps_label(e)}" for e in eps]
-    head += [f"AutoAttack {_eps_label(e)}" for e in aa_eps] + ["CW-L2", "train time (s)", "images/s"]
+    eps, aa_eps = columns(runs)
+    head = ["run", "method", "saliency source", "seed", "train eps", "clean"] + [f"PGD {eps_label(e)}" for e in eps]
+    head += [f"AutoAttack {eps_label(e)}" for e in aa_eps] + ["CW-L2", "train time (s)", "images/s"]
     body = []
     for r in runs:
         ev, curve = r["eval"], pgd_curve(r["eval"])
         aa, cw = _first(ev, "autoattack"), _first(ev, "cw-l2")
-        row = [r["name"], r["method"], r["saliency"] or "-", _num(r["seed"], "{}"),
-               _pct(ev["clean_accuracy"]) if ev else "-"]
+        clean, n_clean = clean_accuracy(r)
+        row = [r["name"], r["method"], r["saliency"] or "-", _num(r["seed"], "{}"), _train_eps(r),
+               _pct(clean) + (f" (n={n_clean})" if ev and n_clean != ev.get("n") else "")]
         row += [_pct(curve.get(e)) for e in eps]
         row += [_pct(aa["accuracy"]) + f" (n={aa['n']})" if aa and aa["eps_255"] == e else "-" for e in aa_eps]
         cw_cell = "-" if not cw else _pct(cw["accuracy"]) + (f" (n={cw['n']})" if cw["n"] != ev.get("n") else "")
@@ -143,25 +213,104 @@ def table_rows(runs: list[dict]) -> tuple[list[str], list[list[str]], list[float
     return head, body, eps
 
 
-def seed_means(runs: list[dict], eps: list[float]) -> tuple[list[str], list[list[str]]] | None:
-    groups = {}
+# ----------------------------------------------------------------------------- groups over seeds
+
+def group_runs(runs: list[dict]) -> list[list[dict]]:
+    """Runs whose configs differ only in seed and runtime fields, in first-seen order."""
+    from sat_train.config import RESUMABLE_CHANGES
+
+    ignore = (set(RESUMABLE_CHANGES) - {"epochs"}) | {"seed"}
+    groups: dict = {}
     for r in runs:
-        if r["eval"]:
-            groups.setdefault((r["method"], r["saliency"] or "-"), []).append(r)
-    if not any(len(g) > 1 for g in groups.values()):
-        return None
+        key = json.dumps({k: v for k, v in r["config"].items() if k not in ignore}, sort_keys=True)
+        groups.setdefault((r["method"], r["saliency"], r["kind"], key), []).append(r)
+    return list(groups.values())
 
-    def ms(values):
-        values = [v for v in values if v is not None]
-        if not values:
-            return "-"
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{100 * statistics.fmean(values):.2f} ± {100 * sd:.2f}"
 
-    head = ["method", "saliency source", "runs", "clean"] + [f"PGD {_eps_label(e)}" for e in eps]
-    body = [[m, s, str(len(g)), ms([r["eval"]["clean_accuracy"] for r in g])]
-            + [ms([pgd_curve(r["eval"]).get(e) for r in g]) for e in eps] for (m, s), g in groups.items()]
-    return head, body
+def group_name(group: list[dict]) -> str:
+    names = [r["name"] for r in group]
+    stems = {n.rsplit("-s", 1)[0] for n in names}
+    if len(stems) == 1 and all(n.rsplit("-s", 1)[-1].isdigit() for n in names):
+        return f"{stems.pop()}-s{{{','.join(n.rsplit('-s', 1)[1] for n in names)}}}" if len(names) > 1 else names[0]
+    return ", ".join(names)
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _ms(values, scale=100.0, fmt="{:.1f}") -> str:
+    m, s = mean_std(values)
+    if m is None:
+        return "-"
+    n = len([v for v in values if v is not None])
+    return fmt.format(scale * m) + (f" ± {fmt.format(scale * s)}" if n > 1 else "")
+
+
+def group_table(groups: list[list[dict]]) -> tuple[list[str], list[list[str]], list[dict]]:
+    runs = [r for g in groups for r in g]
+    eps, aa_eps = columns(runs)
+    n_clean = {clean_accuracy(r)[1] for r in runs if r["eval"]}
+    n_pgd = {r["eval"].get("n") for r in runs if r["eval"]}
+    head = ["runs", "method", "saliency source", "saliency kind", "curriculum", "train eps", "seeds",
+            "clean" + (f" (n={n_clean.pop()})" if len(n_clean) == 1 else "")]
+    head += [f"PGD {eps_label(e)}" + (f" (n={next(iter(n_pgd))})" if len(n_pgd) == 1 and i == 0 else "")
+             for i, e in enumerate(eps)]
+    head += [f"AutoAttack {eps_label(e)}" for e in aa_eps] + ["train time / epoch (s)", "images/s"]
+    body, numbers = [], []
+    for g in groups:
+        r0, evaluated = g[0], [r for r in g if r["eval"]]
+        aa = {e: [(_first(r["eval"], "autoattack") or {}).get("accuracy")
+                  if (_first(r["eval"], "autoattack") or {}).get("eps_255") == e else None for r in evaluated]
+              for e in aa_eps}
+        aa_n = {e: {_first(r["eval"], "autoattack")["n"] for r in evaluated
+                    if (_first(r["eval"], "autoattack") or {}).get("eps_255") == e} for e in aa_eps}
+        row = [group_name(g), r0["method"], r0["saliency"] or "-", r0["kind"] or "-", r0["curriculum"] or "-",
+               _train_eps(r0), f"{len(g)} ({', '.join(_num(r['seed'], '{}') for r in g)})",
+               _ms([clean_accuracy(r)[0] for r in evaluated])]
+        row += [_ms([pgd_curve(r["eval"]).get(e) for r in evaluated]) for e in eps]
+        row += [_ms(aa[e]) + (f" (n={min(aa_n[e])})" if aa_n[e] else "") for e in aa_eps]
+        row += [_ms([r["epoch_time_s"] for r in g], 1.0), _ms([r["images_per_s"] for r in g], 1.0, "{:.0f}")]
+        body.append(row)
+        numbers.append({"runs": [r["name"] for r in g], "method": r0["method"], "saliency": r0["saliency"],
+                        "kind": r0["kind"], "curriculum": r0["curriculum"], "eps": r0["eps"],
+                        "clean": mean_std([clean_accuracy(r)[0] for r in evaluated]),
+                        "pgd": {str(e): mean_std([pgd_curve(r["eval"]).get(e) for r in evaluated]) for e in eps},
+                        "autoattack": {str(e): mean_std(aa[e]) for e in aa_eps},
+                        "epoch_time_s": mean_std([r["epoch_time_s"] for r in g]),
+                        "images_per_s": mean_std([r["images_per_s"] for r in g])})
+    return head, body, numbers
+
+
+# ----------------------------------------------------------------------------- gradient-masking checks
+
+def masking_rows(runs: list[dict]) -> tuple[list[str], list[list[str]], list[str]]:
+    """One row per evaluated run trained against a perturbation (every method but standard)."""
+    head = ["run", "AutoAttack eps", "PGD", "AutoAttack", "AA - PGD (points)", "falls with eps", "eval warnings"]
+    body, warnings = [], []
+    for r in runs:
+        if r["method"] == "standard" or not r["eval"]:
+            continue
+        curve, aa = pgd_curve(r["eval"]), _first(r["eval"], "autoattack")
+        pgd_at = curve.get(aa["eps_255"]) if aa else None
+        gap = None if aa is None or pgd_at is None else 100 * (aa["accuracy"] - pgd_at)
+        points = [r["eval"]["clean_accuracy"]] + [curve[e] for e in sorted(curve)]
+        falls = all(b <= a for a, b in zip(points, points[1:]))
+        own = r["eval"].get("sanity", {}).get("warnings", [])
+        gap_cell = "-" if gap is None else f"{gap:+.1f}" + (" WARNING" if gap < -AA_GAP else "")
+        body.append([r["name"], eps_label(aa["eps_255"]) if aa else "-", _pct(pgd_at), _pct(aa and aa["accuracy"]),
+                     gap_cell, "yes" if falls else "NO", str(len(own)) if own else "none"])
+        if gap is not None and gap < -AA_GAP:
+            warnings.append(f"{r['name']}: AutoAttack is {-gap:.1f} points below PGD at {eps_label(aa['eps_255'])} "
+                            f"(possible gradient masking; PGD overestimates its robustness)")
+        if not falls:
+            warnings.append(f"{r['name']}: accuracy does not fall monotonically with eps "
+                            f"({', '.join(_pct(p) for p in points)}; possible gradient masking)")
+        warnings += [f"{r['name']}: WARNING {w}" for w in own]
+    return head, body, warnings
 
 
 def markdown_table(head: list[str], body: list[list[str]]) -> str:
@@ -171,36 +320,46 @@ def markdown_table(head: list[str], body: list[list[str]]) -> str:
 
 # ----------------------------------------------------------------------------- files
 
-def _atomic_savefig(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-
-
-def make_figures(runs: list[dict]) -> dict:
-    """{file name: matplotlib figure}: accuracy vs eps, training loss, distortions (when evaluated)."""
+def make_figures(runs: list[dict], groups: list[list[dict]] | None = None) -> dict:
+    """{file name: matplotlib figure}: accuracy vs eps (group means ± std, one panel per training eps),
+    training loss (group means), distortions (per run, when evaluated)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = groups if groups is not None else group_runs(runs)
     figs = {}
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in runs:
-        curve = pgd_curve(r["eval"])
-        if curve:
-            xs = [0.0] + sorted(curve)  # eps 0 = clean accuracy
-            ys = [100 * r["eval"]["clean_accuracy"]] + [100 * curve[e] for e in sorted(curve)]
-            ax.plot(xs, ys, marker="o", label=r["name"])
-    ax.set(xlabel="eps (x/255, L-inf)", ylabel="accuracy under PGD (%)", title="Robust accuracy vs eps")
+    panels = sorted({g[0]["eps"] for g in groups if g[0]["eps"] is not None}) or [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for g in groups:
+            if g[0]["eps"] not in (panel, None):
+                continue
+            evaluated = [r for r in g if pgd_curve(r["eval"])]
+            if not evaluated:
+                continue
+            xs = [0.0] + sorted({e for r in evaluated for e in pgd_curve(r["eval"])})  # eps 0 = clean accuracy
+            stats = [mean_std([r["eval"]["clean_accuracy"] if x == 0 else pgd_curve(r["eval"]).get(x)
+                               for r in evaluated]) for x in xs]
+            ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", capsize=3,
+                        label=group_name(g))
+        title = "Robust accuracy vs eps" + (f" (trained at eps {eps_label(round(panel * 255, 6))})" if panel else "")
+        ax.set(xlabel="eps (x/255, L-inf)", ylabel="accuracy under PGD (%)", title=title)
     figs["accuracy_vs_eps.png"] = fig
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in runs:
-        pts = [(m["epoch"], m["loss"]) for m in r["metrics"] if "epoch" in m and m.get("loss") is not None]
-        if pts:
-            ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker=".", label=r["name"])
-    ax.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    for g in groups:
+        by_epoch = {}
+        for r in g:
+            for m in r["metrics"]:
+                if "epoch" in m and m.get("loss") is not None:
+                    by_epoch.setdefault(m["epoch"], []).append(m["loss"])
+        if by_epoch:
+            epochs = sorted(by_epoch)
+            ax.plot([e + 1 for e in epochs], [statistics.fmean(by_epoch[e]) for e in epochs], marker=".",
+                    label=group_name(g))
+    ax.set(xlabel="epoch", ylabel="training loss (mean over seeds)", title="Training loss")
     figs["train_loss.png"] = fig
 
     if any(distortion_curves(r["eval"]) for r in runs):
@@ -218,16 +377,20 @@ def make_figures(runs: list[dict]) -> dict:
         for ax in fig.axes:
             ax.grid(alpha=0.3)
             if ax.lines:
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=7)
     return figs
 
 
-def plot_all(runs: list[dict], out: Path) -> list[str]:
+def plot_all(runs: list[dict], groups: list[list[dict]], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
-    figs = make_figures(runs)
+    from shards.format import atomic_write_bytes
+
+    figs = make_figures(runs, groups)
     for name, fig in figs.items():
-        _atomic_savefig(fig, out / name)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        atomic_write_bytes(out / name, buf.getvalue())
         plt.close(fig)
     return list(figs)
 
@@ -236,14 +399,24 @@ def write_report(runs: list[dict], out: Path, eval_name: str | None, notes: list
     from shards.format import atomic_write_bytes, atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
-    head, body, eps = table_rows(runs)
-    images = plot_all(runs, out)
-    parts = [f"# satpipe comparison ({len(runs)} runs, evaluation set: {eval_name or '-'})", "",
-             "Accuracies in %; robust accuracy counts a sample only if it is right clean and under the attack.", "",
-             markdown_table(head, body), ""]
-    means = seed_means(runs, eps)
-    if means:
-        parts += ["## Mean ± std over seeds", "", markdown_table(*means), ""]
+    groups = group_runs(runs)
+    ghead, gbody, gnumbers = group_table(groups)
+    head, body, _ = table_rows(runs)
+    mhead, mbody, mwarnings = masking_rows(runs)
+    images = plot_all(runs, groups, out)
+    parts = [f"# satpipe comparison ({len(runs)} runs in {len(groups)} groups, evaluation set: {eval_name or '-'})",
+             "", "Accuracies in %; robust accuracy counts a sample only if it is right clean and under the attack. "
+             "Groups: runs that differ only in the seed, mean ± std over seeds.", "",
+             markdown_table(ghead, gbody), ""]
+    if mbody:
+        parts += ["## Gradient-masking checks", "",
+                  f"Every run trained against a perturbation: AutoAttack more than {AA_GAP:g} points below PGD at the "
+                  "same eps, or accuracy that does not fall as eps grows, suggests gradient masking; the last column "
+                  "counts the evaluation's own sanity warnings (listed below).", "",
+                  markdown_table(mhead, mbody), ""]
+        parts += [f"- {w}" for w in mwarnings] if mwarnings else ["All checks passed."]
+        parts += [""]
+    parts += ["## Runs", "", markdown_table(head, body), ""]
     dist = [r for r in runs if distortion_curves(r["eval"])]
     if dist:
         dhead = ["run"] + [f"{k} {lv:g}" for k in LEVELS for lv in sorted({lv for r in dist for lv in
@@ -252,11 +425,14 @@ def write_report(runs: list[dict], out: Path, eval_name: str | None, notes: list
                                 for h in dhead[1:]] for r in dist]
         parts += ["## Natural distortions (accuracy %)", "", markdown_table(dhead, dbody), ""]
     parts += ["## Plots", ""] + [f"![{name}]({name})" for name in images] + [""]
-    warned = [(r["name"], w) for r in runs if r["eval"] for w in r["eval"].get("sanity", {}).get("warnings", [])]
+    warned = [(r["name"], w) for r in runs if r["eval"] and r["method"] == "standard"
+              for w in r["eval"].get("sanity", {}).get("warnings", [])]
     if warned or notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [f"- {name}: WARNING {w}" for name, w in warned] + [""]
-    atomic_write_json(out / "report.json", {"eval_set": eval_name, "columns": head, "rows": body, "notes": notes,
-                                            "runs": [{k: v for k, v in r.items() if k != "eval"} for r in runs]})
+    atomic_write_json(out / "report.json", {
+        "eval_set": eval_name, "groups": {"columns": ghead, "rows": gbody, "numbers": gnumbers},
+        "columns": head, "rows": body, "masking": {"columns": mhead, "rows": mbody, "warnings": mwarnings},
+        "notes": notes, "runs": [{k: v for k, v in r.items() if k not in ("eval", "clean_all")} for r in runs]})
     path = out / "report.md"
     atomic_write_bytes(path, "\n".join(parts).encode())  # last: its presence means the report is complete
     return path
@@ -273,8 +449,9 @@ def compare(run_dirs, out, eval_name=None) -> tuple[Path, list[dict], list[str]]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="sat-train compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    opening, rest = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(prog="sat-train compare", description=opening,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
     p.add_argument("runs", nargs="+", help="run folders (written by sat-train fit, evaluated by sat-train eval)")
     p.add_argument("--out", default="report", help="report folder (default report/)")
     p.add_argument("--eval", dest="eval_name", help="evaluation set name: RUN/eval/<NAME>.json")

@@ -1,34 +1,57 @@
-"""`sat-train experiment`: a grid of runs (methods x saliency sources x seeds) -> fit -> eval -> compare.
+"""`sat-train experiment`: a grid of runs (methods x saliency sources x eps x seeds) -> fit -> eval -> compare.
 
     sat-train experiment grid.toml
-    sat-train experiment grid.toml --dry-run          # print the plan only
+    sat-train experiment grid.toml --dry-run          # check every config, print the plan and what a run would redo
 
-grid.toml:
+grid.toml (configs/fashion-mnist-study.toml is a full example; unknown tables and keys are errors):
 
     [experiment]
-    out = "experiments/fmnist"                  # OUT/runs/<run>, OUT/report/, OUT/configs/, OUT/experiment.json
-    train_shards = "shards/fashion-mnist/train"
+    out = "experiments/fmnist"         # OUT/runs/<run>, OUT/report/, OUT/configs/, OUT/experiment.json
     eval_shards = "shards/fashion-mnist/test"
-    methods = ["standard", "sat", "pgd", "sat+pgd"]
+    train_shards = "shards/fm/train"   # set of the methods without saliency (default: the first [sources] set)
+    methods = ["standard", "sat"]      # shorthand: one [[runs]] block per method (every source, eps and seed)
     seeds = [0, 1]
-    subprocess = false     # true: each fit/eval in its own `python -m sat_train` process
-    skip_done = true       # finished fits and matching evals are kept, so a rerun continues a grid
+    eps = ["8/255", 0.1]               # training eps (threat models), "N/255" or a number; default: [fit] eps
+    clean_on_all = true                # also clean accuracy on the whole eval set ([eval] limit caps the attacks)
+    subprocess = false                 # true: each fit/eval in its own `python -m sat_train` process
+    skip_done = true                   # keep finished work whose config matches (false: redo everything)
 
-    [experiment.saliency]  # optional: saliency source name -> training shard set built with it
-    masks = "shards/fmnist-masks/train"
-    boxes = "shards/fmnist-boxes/train"
+    [sources]                          # saliency source name -> training shard set
+    foreground = "shards/fm/train-foreground"
+    shuffled = "shards/fm/train-shuffled"
+    teacher = { shards = "shards/fm/train-teacher", teacher = "standard-s0", from = "foreground",
+                explainer = "grad-sign", args = [] }    # derived, see below
 
-    [fit]                  # TrainConfig keys shared by every run (the grid sets shards, run, method, seed)
+    [fit]                              # TrainConfig keys shared by every run (sat-train fit --help)
     epochs = 10
-    arch = "cnn4"
+    sat_final_p = 0.9
 
-    [eval]                 # EvalConfig keys (see sat-train eval --help)
-    limit = 1000
+    [eval]                             # EvalConfig keys (sat-train eval --help); autoattack_eps defaults to each
+    limit = 2000                       # run's training eps (standard: the first grid eps)
 
-Methods that use saliency (sat, sat+pgd, sat+trades) run once per saliency source; the others once per
-seed, on the first source's shard set (the sources differ only in their saliency maps). Every config is
-checked before the first run starts; unknown keys are errors. A run that fails stops the grid (exit 1):
-fix the cause and rerun, finished work is skipped.
+    [[runs]]                           # a block: method(s) x sources x eps x seeds; every key but method optional
+    method = "sat"                     # or methods = ["pgd", "fgsm-rs"]
+    sources = ["foreground", "shuffled"]   # saliency methods only; default: every source
+    seeds = [0]                        # default: [experiment] seeds
+    eps = ["8/255"]                    # default: [experiment] eps (`standard` uses no eps: one run per seed)
+    tag = "p0.25"                      # part of the run names (runs differing only in `fit` need one)
+    fit = { sat_final_p = 0.25 }       # TrainConfig overrides for this block
+
+Run names: METHOD[-SOURCE][-TAG][-epsEPS]-sSEED (eps only when the grid sets [experiment] eps), e.g.
+sat-foreground-eps8_255-s0.
+
+Derived sources: a [sources] table with `teacher` names a run of this grid; once that run is trained,
+the experiment makes the set with `sat-train teacher-saliency FROM --teacher RUN --explainer E ARGS --out
+SHARDS` (kept when it already holds the same derivation of the same checkpoint). Runs on derived sources
+are trained after every other run. Every other shard set must exist before the grid starts.
+
+Reuse (skip_done): a finished run is kept only when its saved config.json equals the planned config in
+every field but the runtime ones (FIT_RUNTIME: progress, workers, loader, device, paths, ...) and it
+trained on the same shard set (manifest fingerprint); otherwise it is retrained from scratch (never
+resumed from a checkpoint of another config), and the plan says why. An unfinished run with the planned
+config resumes. An evaluation is kept only for the same eval config (EVAL_RUNTIME aside), the same
+checkpoint (sha256) and the same evaluation set. A run that fails stops the grid (exit 1): fix the
+cause and rerun; finished work is kept.
 """
 from __future__ import annotations
 
@@ -37,26 +60,110 @@ import dataclasses
 import json
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-EXPERIMENT_KEYS = {"out", "train_shards", "eval_shards", "methods", "seeds", "subprocess", "skip_done", "saliency"}
-GRID_OWNS = ("shards", "run", "method", "seed", "resume", "overwrite")
+from sat_train.grid import ExperimentError, Grid, PlannedRun, plan  # noqa: F401  (re-exported for callers)
+
+# fit_runtime(): TrainConfig fields that say how a run executes, not what it computes. `shards` is a path: the set is
+# compared by its manifest fingerprint instead. (RESUMABLE_CHANGES minus epochs, which changes the math.)
+EVAL_RUNTIME = {"device", "loader_backend", "loader_decode", "verify_shards"}  # how an eval runs, not what it measures
+CLEAN_ONLY = {"eps": [], "fgsm": False, "check_steps": [], "l2_eps": [], "cw": 0, "autoattack": 0, "distortions": False,
+              "limit": 0}
 
 
-class ExperimentError(Exception):
-    """A bad grid file: one line, non-zero exit."""
+def fit_runtime() -> set:
+    from sat_train.config import RESUMABLE_CHANGES
+
+    return set(RESUMABLE_CHANGES) - {"epochs"}
 
 
-@dataclass
-class PlannedRun:
-    name: str
-    method: str
-    saliency: str | None
-    seed: int
-    train_shards: str
-    run_dir: Path
-    fit_values: dict = field(repr=False, default_factory=dict)
+def _json(value):
+    return json.loads(json.dumps(value))  # tuples -> lists, as a saved config.json holds them
+
+
+def config_changes(saved: dict, planned: dict, ignore: set, defaults: dict | None = None) -> list[str]:
+    """'key old -> new' for each field that differs, `ignore`d fields aside. A field missing from the
+    saved config counts as its default (a field added to satpipe later must not redo old runs)."""
+    saved, planned = _json({**(defaults or {}), **saved}), _json(planned)
+    missing = object()
+    return [f"{k} {saved.get(k, '(unset)')!r} -> {planned.get(k, '(unset)')!r}"
+            for k in sorted((set(saved) | set(planned)) - ignore) if saved.get(k, missing) != planned.get(k, missing)]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _fingerprint(shards: str) -> str | None:
+    m = _read_json(Path(shards) / "manifest.json")
+    return (m or {}).get("fingerprint", {}).get("digest")
+
+
+def fit_decision(run: PlannedRun) -> tuple[str, str]:
+    """(action, why): action is 'done' (keep), 'resume', 'train' (new) or 'retrain' (config changed)."""
+    from sat_train.checkpoint import checkpoint_path
+    from sat_train.config import TrainConfig, from_dict
+
+    saved = _read_json(run.run_dir / "config.json")
+    ckpt = checkpoint_path(run.run_dir)
+    if saved is None:
+        return ("retrain", "its folder holds an unreadable or partial run") if ckpt.exists() else ("train", "new")
+    planned = from_dict(dict(run.fit_values)).to_dict()
+    changes = config_changes(saved, planned, fit_runtime(), TrainConfig().to_dict())
+    summary = _read_json(run.run_dir / "summary.json")
+    trained_on = (summary or {}).get("shards_fingerprint") or _checkpoint_fingerprint(ckpt)
+    want = _fingerprint(run.train_shards)
+    if trained_on is not None and want is not None and (trained_on or {}).get("digest") != want:
+        changes.append(f"training set {run.train_shards} changed (fingerprint {trained_on.get('digest')} -> {want})")
+    if changes:
+        return "retrain", "config changed since it was trained: " + "; ".join(changes)
+    if summary is not None and summary.get("epochs") == summary.get("epochs_planned") == planned["epochs"]:
+        return "done", "finished earlier with the same config"
+    if ckpt.exists():
+        return "resume", "unfinished, same config"
+    return "train", "no checkpoint yet"
+
+
+def _checkpoint_fingerprint(path: Path):
+    if not path.exists():
+        return None
+    from sat_train.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path).get("shards_fingerprint")
+    except CheckpointError:
+        return None
+
+
+def eval_decision(path: Path, eval_values: dict, checkpoint_sha: str, eval_fingerprint: str | None) -> str | None:
+    """None when `path` holds this evaluation already, else why it must be (re)done."""
+    from sat_train.evaluate import EvalConfig
+
+    saved = _read_json(path)
+    if saved is None:
+        return "not evaluated yet"
+    planned = dataclasses.asdict(EvalConfig.from_dict(dict(eval_values), "eval"))
+    changes = config_changes(saved.get("config") or {}, planned, EVAL_RUNTIME)
+    if changes:
+        return "eval config changed: " + "; ".join(changes)
+    if (saved.get("checkpoint") or {}).get("sha256") != checkpoint_sha:
+        return "the checkpoint changed since it was evaluated"
+    if eval_fingerprint is not None and (saved.get("shards_fingerprint") or {}).get("digest") != eval_fingerprint:
+        return "the evaluation set changed"
+    return None
+
+
+def _call(command: str, argv: list[str], use_subprocess: bool) -> int:
+    if use_subprocess:
+        return subprocess.call([sys.executable, "-m", "sat_train", command, *argv])
+    import importlib
+
+    from sat_train.cli import COMMANDS
+
+    return int(importlib.import_module(COMMANDS[command][0]).main(argv) or 0)
 
 
 def _toml_value(v) -> str:
@@ -75,158 +182,138 @@ def to_toml(values: dict) -> str:
     return "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items() if v is not None)
 
 
-def _uses_saliency(method: str) -> bool:
-    return method.startswith("sat")
+def check_inputs(grid: Grid) -> None:
+    """Every shard set the grid reads must exist now, except derived ones (made during the run)."""
+    derived = {s.shards for s in grid.sources.values() if s.derived}
+    needed = {grid.experiment["eval_shards"]} | {r.train_shards for r in grid.runs if r.train_shards not in derived}
+    missing = sorted(p for p in needed if not (Path(p) / "manifest.json").is_file())
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ExperimentError(f"{missing[0]}/manifest.json: no shard set{more}; build the sets the grid names first "
+                              f"(`make study` builds those of configs/fashion-mnist-study.toml)")
 
 
-def load_grid(path: Path) -> tuple[dict, dict, dict]:
-    from sat_train.config import read_toml
-
-    data = read_toml(path, ExperimentError, "grid file")
-    unknown = sorted(set(data) - {"experiment", "fit", "eval"})
-    if unknown:
-        raise ExperimentError(f"{path}: unknown table(s) {', '.join(unknown)} (use [experiment], [fit], [eval])")
-    exp = data.get("experiment", {})
-    unknown = sorted(set(exp) - EXPERIMENT_KEYS)
-    if unknown:
-        raise ExperimentError(f"{path}: unknown [experiment] key(s) {', '.join(unknown)}; known: "
-                              f"{', '.join(sorted(EXPERIMENT_KEYS))}")
-    for key in ("out", "eval_shards", "methods"):
-        if not exp.get(key):
-            raise ExperimentError(f"{path}: [experiment] needs {key}")
-    if not exp.get("train_shards") and not exp.get("saliency"):
-        raise ExperimentError(f"{path}: [experiment] needs train_shards or a [experiment.saliency] table")
-    fit = data.get("fit", {})
-    owned = sorted(set(fit) & set(GRID_OWNS))
-    if owned:
-        raise ExperimentError(f"{path}: [fit] must not set {', '.join(owned)} (the grid sets them per run)")
-    return exp, fit, data.get("eval", {})
+def derive_source(grid: Grid, name: str, use_subprocess: bool) -> int:
+    source = grid.sources[name]
+    teacher = next(r for r in grid.runs if r.name == source.teacher)
+    argv = [grid.sources[source.base].shards, "--teacher", str(teacher.run_dir), "--explainer", source.explainer,
+            *source.args, "--out", source.shards, "--overwrite", "--no-progress"]
+    print(f"\n== derive source {name}: sat-train teacher-saliency {' '.join(argv)}", flush=True)
+    return _call("teacher-saliency", argv, use_subprocess)  # same derivation of the same checkpoint: kept
 
 
-def plan(path: Path):
-    """(experiment table, planned runs, EvalConfig), every config validated up front."""
-    from sat_train.config import ConfigError, from_dict
-    from sat_train.evaluate import EvalConfig, EvalError
-
-    exp, fit, ev = load_grid(path)
-    out = Path(exp["out"])
-    sources = dict(exp.get("saliency") or {}) or {None: exp["train_shards"]}
-    first = next(iter(sources.items()))
-    seeds = [int(s) for s in exp.get("seeds", [0])]
-    runs = []
-    for method in exp["methods"]:
-        for source, shards in (sources.items() if _uses_saliency(method) else [first]):
-            for seed in seeds:
-                tag = f"-{source}" if source is not None and _uses_saliency(method) else ""
-                name = f"{method.replace('+', '-')}{tag}-s{seed}"
-                values = {**fit, "shards": str(shards), "run": str(out / "runs" / name), "method": method,
-                          "seed": seed, "progress": fit.get("progress", False)}
-                try:
-                    from_dict(values, f"{path} [fit] for {name}")
-                except ConfigError as e:
-                    raise ExperimentError(str(e)) from None
-                runs.append(PlannedRun(name, method, source if _uses_saliency(method) else None, seed, str(shards),
-                                       out / "runs" / name, values))
-    try:
-        eval_cfg = EvalConfig.from_dict(ev, f"{path} [eval]")
-    except EvalError as e:
-        raise ExperimentError(str(e)) from None
-    return exp, runs, eval_cfg
+def run_fit(grid: Grid, r: PlannedRun, skip_done: bool, use_subprocess: bool, status: dict) -> int:
+    action, why = fit_decision(r) if skip_done else ("retrain", "skip_done = false")
+    if action == "done":
+        status[r.name] = {"fit": "skipped (finished earlier)"}
+        print(f"\n== fit {r.name}: kept ({why})", flush=True)
+        return 0
+    resume = action == "resume"
+    values = {**r.fit_values, "resume": resume, "overwrite": not resume and r.run_dir.exists()}
+    fit_toml = grid.out / "configs" / f"{r.name}.fit.toml"
+    fit_toml.write_text(to_toml(values))
+    verb = {"resume": "resuming", "train": "training", "retrain": "retraining from scratch"}[action]
+    print(f"\n== fit {r.name}: {verb} ({why})", flush=True)
+    rc = _call("fit", ["--config", str(fit_toml)], use_subprocess)
+    status[r.name] = {"fit": {"resume": "resumed", "train": "trained", "retrain": "retrained"}[action], "fit_exit": rc}
+    if action == "retrain":
+        status[r.name]["why"] = why
+    return rc
 
 
-def _call(command: str, argv: list[str], use_subprocess: bool) -> int:
-    if use_subprocess:
-        return subprocess.call([sys.executable, "-m", "sat_train", command, *argv])
-    import importlib
+def run_eval(grid: Grid, r: PlannedRun, eval_values: dict, out: Path | None, label: str, use_subprocess: bool,
+             status: dict, skip_done: bool) -> int:
+    from sat_train.checkpoint import checkpoint_path
+    from shards.format import sha256_file
 
-    from sat_train.cli import COMMANDS
+    eval_shards = grid.experiment["eval_shards"]
+    path = out or r.run_dir / "eval" / f"{Path(eval_shards).resolve().name}.json"
+    why = eval_decision(path, eval_values, sha256_file(checkpoint_path(r.run_dir)), _fingerprint(eval_shards)) \
+        if skip_done else "skip_done = false"
+    if why is None:
+        status[r.name][label] = "skipped (same config and checkpoint evaluated earlier)"
+        return 0
+    toml = grid.out / "configs" / f"{r.name}.{label}.toml"
+    toml.write_text(to_toml(eval_values))
+    print(f"\n== {label} {r.name}: {why}", flush=True)
+    argv = [str(r.run_dir), "--shards", str(eval_shards), "--config", str(toml), "--no-progress"]
+    rc = _call("eval", argv + (["--out", str(out)] if out else []), use_subprocess)
+    status[r.name].update({label: "evaluated", f"{label}_exit": rc})
+    return rc
 
-    return int(importlib.import_module(COMMANDS[command][0]).main(argv) or 0)
 
-
-def _fit_done(run: PlannedRun) -> bool:
-    summary = run.run_dir / "summary.json"
-    if not summary.exists():
-        return False
-    s = json.loads(summary.read_text())
-    return s.get("epochs") == s.get("epochs_planned") == run.fit_values.get("epochs", s.get("epochs_planned"))
-
-
-def _eval_done(run: PlannedRun, eval_name: str, eval_cfg) -> bool:
-    path = run.run_dir / "eval" / f"{eval_name}.json"
-    if not path.exists():
-        return False
-    try:
-        return json.loads(path.read_text()).get("config") == json.loads(json.dumps(dataclasses.asdict(eval_cfg)))
-    except json.JSONDecodeError:
-        return False
+def print_plan(grid: Grid) -> None:
+    print(f"experiment {grid.path}: {len(grid.runs)} runs -> {grid.out}")
+    for r in grid.runs:
+        eps = "-" if r.eps is None else f"{r.eps * 255:g}/255"
+        print(f"  {r.name:<36} method={r.method:<8} saliency={r.saliency or '-':<11} eps={eps:<9} seed={r.seed}  "
+              f"shards={r.train_shards}")
+    for s in grid.sources.values():
+        if s.derived:
+            print(f"  source {s.name}: derived from run {s.teacher} ({s.explainer}) on {s.base} -> {s.shards}")
 
 
 def run_grid(path: Path, dry_run: bool = False, use_subprocess: bool | None = None) -> int:
     from shards.format import atomic_write_json
 
-    exp, runs, eval_cfg = plan(path)
-    out = Path(exp["out"])
+    grid = plan(path)
+    exp, out = grid.experiment, grid.out
     use_subprocess = bool(exp.get("subprocess", False)) if use_subprocess is None else use_subprocess
     skip_done = bool(exp.get("skip_done", True))
-    eval_shards = Path(exp["eval_shards"])
-    eval_name = eval_shards.resolve().name
-    print(f"experiment {path}: {len(runs)} runs -> {out}")
-    for r in runs:
-        print(f"  {r.name:<28} method={r.method:<11} saliency={r.saliency or '-':<10} seed={r.seed}  "
-              f"shards={r.train_shards}")
-    print("  eval:", json.dumps(dataclasses.asdict(eval_cfg)))
+    print_plan(grid)
     if dry_run:
+        for r in grid.runs:
+            action, why = fit_decision(r) if skip_done else ("retrain", "skip_done = false")
+            print(f"  fit {r.name}: {action} ({why})")
         return 0
-    configs = out / "configs"
-    configs.mkdir(parents=True, exist_ok=True)
-    eval_toml = configs / "eval.toml"
-    eval_toml.write_text(to_toml(dataclasses.asdict(eval_cfg)))
-    status = {}
-    record = {"grid": str(path), "experiment": exp, "eval": dataclasses.asdict(eval_cfg), "eval_set": eval_name,
-              "runs": [{"name": r.name, "method": r.method, "saliency": r.saliency, "seed": r.seed,
-                        "run": str(r.run_dir), "fit": r.fit_values} for r in runs], "status": status}
-    for r in runs:
-        fitted = skip_done and _fit_done(r)
-        if fitted:
-            status[r.name] = {"fit": "skipped (finished earlier)"}
-        else:
-            resume = skip_done and (r.run_dir / "checkpoints" / "last.pt").exists()
-            values = {**r.fit_values, "resume": resume, "overwrite": not resume and r.run_dir.exists()}
-            fit_toml = configs / f"{r.name}.fit.toml"
-            fit_toml.write_text(to_toml(values))
-            print(f"\n== fit {r.name}" + (" (resuming)" if resume else ""), flush=True)
-            rc = _call("fit", ["--config", str(fit_toml)], use_subprocess)
-            status[r.name] = {"fit": "resumed" if resume else "trained", "fit_exit": rc}
+    check_inputs(grid)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    status: dict = {}
+    record = {"grid": str(path), "experiment": exp, "sources": {n: dataclasses.asdict(s) for n, s in grid.sources.items()},
+              "eval": grid.eval, "eval_set": Path(exp["eval_shards"]).resolve().name,
+              "runs": [{"name": r.name, "method": r.method, "saliency": r.saliency, "seed": r.seed, "eps": r.eps,
+                        "tag": r.tag, "run": str(r.run_dir), "fit": r.fit_values, "eval": r.eval_values}
+                       for r in grid.runs], "status": status}
+
+    def fail(what: str, rc: int) -> int:
+        atomic_write_json(out / "experiment.json", record)
+        print(f"sat-train experiment: {what} failed (exit {rc}); fix it and rerun (finished work is kept)",
+              file=sys.stderr)
+        return 1
+
+    derived_done = set()
+    for r in grid.runs:
+        if r.saliency in grid.sources and grid.sources[r.saliency].derived and r.saliency not in derived_done:
+            rc = derive_source(grid, r.saliency, use_subprocess)
             if rc != 0:
-                atomic_write_json(out / "experiment.json", record)
-                print(f"sat-train experiment: fit of {r.name} failed (exit {rc}); fix it and rerun (finished runs "
-                      f"are kept)", file=sys.stderr)
-                return 1
-        atomic_write_json(r.run_dir / "experiment.json", {"grid": str(path), "name": r.name, "method": r.method,
-                                                          "saliency": r.saliency, "seed": r.seed})
-        if fitted and _eval_done(r, eval_name, eval_cfg):
-            status[r.name]["eval"] = "skipped (same config evaluated earlier)"
-            continue
-        print(f"\n== eval {r.name}", flush=True)
-        rc = _call("eval", [str(r.run_dir), "--shards", str(eval_shards), "--config", str(eval_toml),
-                            "--no-progress"], use_subprocess)
-        status[r.name].update({"eval": "evaluated", "eval_exit": rc})
+                return fail(f"deriving source {r.saliency}", rc)
+            derived_done.add(r.saliency)
+        rc = run_fit(grid, r, skip_done, use_subprocess, status)
         if rc != 0:
-            atomic_write_json(out / "experiment.json", record)
-            print(f"sat-train experiment: eval of {r.name} failed (exit {rc})", file=sys.stderr)
-            return 1
+            return fail(f"fit of {r.name}", rc)
+        atomic_write_json(r.run_dir / "experiment.json", {"grid": str(path), "name": r.name, "method": r.method,
+                                                          "saliency": r.saliency, "seed": r.seed, "eps": r.eps,
+                                                          "tag": r.tag})
+        rc = run_eval(grid, r, r.eval_values, None, "eval", use_subprocess, status, skip_done)
+        if rc == 0 and exp.get("clean_on_all") and grid.eval_cfg.limit:
+            clean = r.run_dir / "eval" / "clean-all" / f"{Path(exp['eval_shards']).resolve().name}.json"
+            rc = run_eval(grid, r, {**r.eval_values, **CLEAN_ONLY}, clean, "clean-all", use_subprocess, status,
+                          skip_done)
+        if rc != 0:
+            return fail(f"eval of {r.name}", rc)
     atomic_write_json(out / "experiment.json", record)
     print("\n== compare", flush=True)
-    return _call("compare", [*(str(r.run_dir) for r in runs), "--out", str(out / "report"), "--eval", eval_name],
-                 use_subprocess)
+    return _call("compare", [*(str(r.run_dir) for r in grid.runs), "--out", str(out / "report"),
+                             "--eval", record["eval_set"]], use_subprocess)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="sat-train experiment", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("grid", help="grid TOML file ([experiment], [fit], [eval])")
-    p.add_argument("--dry-run", action="store_true", help="check every config and print the plan, run nothing")
+    opening, rest = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(prog="sat-train experiment", description=opening,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
+    p.add_argument("grid", help="grid TOML file ([experiment], [sources], [fit], [eval], [[runs]])")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every config, print the plan and what a real run would keep or redo; run nothing")
     p.add_argument("--subprocess", action="store_true", default=None, help="run each step in its own process")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -52,6 +52,10 @@ def describe(root: Path) -> str:
         f"counts      read {counts['read']}, written {counts['written']}, "
         f"skipped {sum(counts['skipped'].values())}",
     ]
+    derived = raw.get("derived_from")
+    if isinstance(derived, dict):  # a derived set (shards/derive.py): teacher-saliency, shuffle-saliency
+        params = ", ".join(f"{k}={v}" for k, v in derived.get("derivation", {}).get("params", {}).items())
+        lines.append(f"derived     {derived.get('derivation', {}).get('name')} of {derived.get('path')} ({params})")
     examples = raw.get("skip_examples", {})
     for reason, n in counts["skipped"].items():
         ex = examples.get(reason, [])

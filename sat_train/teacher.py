@@ -113,7 +113,7 @@ def teacher_saliency(in_dir, teacher, out_dir, cfg: ExplainConfig, *, batch_size
                     "sha256": sha, "arch": ckpt["model_spec"]["arch"], "epochs": ckpt.get("epoch"),
                     "method": (ckpt.get("config") or {}).get("method"),
                     "eps": (ckpt.get("config") or {}).get("eps"),
-                    "shards_fingerprint": ckpt.get("shards_fingerprint")},
+                    "trained_on": (ckpt.get("shards_fingerprint") or {}).get("digest")},
     }
     derivation = Derivation(DERIVATION, params, saliency,
                             execution={"batch_size": batch_size, "device": str(dev), **_versions()})

@@ -74,7 +74,8 @@ if [ "$stage" = all ]; then
     step sat_kernel 90 python3 bench/sat_kernel.py --quick --out "$OUT/sat_kernel.md"
     step fit_throughput 170 python3 bench/fit_throughput.py --device cuda --images 32768 --rounds 1 \
         --out "$OUT/fit_throughput_cuda.md"
-    step gpu_tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider -k "$not_dali" tests
+    # a test module whose import needs a package this image lacks must not stop the gpu tests of the others
+    step gpu_tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors -k "$not_dali" tests
     if [ "$dali" = 1 ]; then
         step loader 60 python3 bench/loader.py --device cuda --workers 8 --quick --out "$OUT/loader.md"
     fi

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.derive import Batch, Derivation, DeriveError, derive, open_input
+from shards.derive import Batch, Derivation, DeriveError, derive, open_input, run_command
 from shards.format import SALIENCY_EXT, TAR_BLOCK, Manifest, ShardFormatError, read_dali_index
 from preprocess.tar_fast import FastShardWriter
 
@@ -144,21 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, metavar="OUT_SHARDS", help="output shard set folder")
     ap.add_argument("--seed", type=int, default=0, help="seed of the derangement (default 0)")
     ap.add_argument("--batch-size", type=int, default=1024, help="maps read per batch (memory only; default 1024)")
-    ap.add_argument("--overwrite", action="store_true", help="replace a different shard set already in OUT")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace whatever else OUT holds (an output of this very derivation is kept and resumed anyway)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = ap.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    try:
-        shuffle_saliency(Path(args.input), Path(args.out), args.seed, batch_size=args.batch_size,
-                         overwrite=args.overwrite, progress=not args.no_progress, log=log)
-    except DeriveError as e:
-        print(f"preprocess shuffle-saliency: {e}", file=sys.stderr)
-        return e.code
-    except OSError as e:
-        print(f"preprocess shuffle-saliency: {e.filename or args.out}: {e.strerror or e}; finished shards are kept, "
-              "rerun the same command to resume", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("preprocess shuffle-saliency: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    return run_command("preprocess shuffle-saliency", args.out, lambda: shuffle_saliency(
+        Path(args.input), Path(args.out), args.seed, batch_size=args.batch_size, overwrite=args.overwrite,
+        progress=not args.no_progress, log=log))

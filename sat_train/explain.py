@@ -49,6 +49,9 @@ Conventions:
   sign {-1, 0, 1} -> {0, 128, 255} -> {-1, 1/255, 1}; minmax [0, 1] -> 128..255 (0 reads back as 1/255);
   symmetric [-1, 1] -> 0..255.
 
+Passes per batch: one forward/backward (gradient explainers, Grad-CAM, Grad-CAM++), two for guided
+Grad-CAM++ (a plain pass for the CAM, a guided one for the gradient), one over the n noisy copies
+(SmoothGrad) or the steps + 1 path points (IG), cut into chunks of at most 4096 images for memory.
 Batching: each map depends only on its own image (the model runs in eval mode; SmoothGrad's noise is
 drawn from a generator seeded by (seed, sample key)), so batched maps equal per-image maps up to
 float rounding, and a map does not change with batch size, shard or resume.

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from shards.derive import Batch, Derivation, DeriveError, decode_images, derive, encode_saliency, open_input
+from shards.derive import (Batch, Derivation, DeriveError, decode_images, derive, encode_saliency, open_input,
+                           run_command)
 from shards.format import LABEL_EXT, MANIFEST_NAME, Manifest, ShardFormatError, decode_label, read_manifest, sha256_file
 from sat_train.checkpoint import CheckpointError, load_model
 from sat_train.config import ConfigError
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=d.seed, help="seed of SmoothGrad's noise (per sample key)")
     ap.add_argument("--batch-size", type=int, default=256, help="images per forward/backward (default 256)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the teacher runs")
-    ap.add_argument("--overwrite", action="store_true", help="replace a different shard set already in OUT")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace whatever else OUT holds (an output of this very derivation is kept and resumed anyway)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return ap
 
@@ -163,17 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         smoothgrad_samples=args.smoothgrad_samples, smoothgrad_sigma=args.smoothgrad_sigma,
                         ig_steps=args.ig_steps, cam_layer=args.cam_layer, seed=args.seed)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout stays clean)
-    try:
-        teacher_saliency(args.input, args.teacher, args.out, cfg, batch_size=args.batch_size, device=args.device,
-                         overwrite=args.overwrite, progress=not args.no_progress, log=log)
-    except (DeriveError, CheckpointError, ExplainError, ConfigError) as e:
-        print(f"sat-train teacher-saliency: error: {e}", file=sys.stderr)
-        return getattr(e, "code", 2)
-    except OSError as e:  # disk full, folder removed...: finished shards are kept
-        print(f"sat-train teacher-saliency: {e.filename or args.out}: {e.strerror or e}; finished shards are kept, "
-              "rerun the same command to resume", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("sat-train teacher-saliency: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    return run_command("sat-train teacher-saliency", args.out, lambda: teacher_saliency(
+        args.input, args.teacher, args.out, cfg, batch_size=args.batch_size, device=args.device,
+        overwrite=args.overwrite, progress=not args.no_progress, log=log),
+        user_errors=(CheckpointError, ExplainError, ConfigError))

@@ -296,6 +296,24 @@ def derive(in_dir, out_dir, derivation: Derivation, make_maps: MakeMaps, *, batc
     return result
 
 
+def run_command(prog: str, out, job: Callable[[], object], user_errors: tuple = ()) -> int:
+    """Exit status of a derivation command: bad input is one line and exit 2 (or the error's code); a disk
+    or folder problem exit 1; Ctrl-C 130. Finished shards are kept in every case."""
+    try:
+        job()
+    except (DeriveError, *user_errors) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return getattr(e, "code", 2)
+    except OSError as e:  # disk full, folder removed under us...
+        print(f"{prog}: {e.filename or out}: {e.strerror or e}; finished shards are kept, rerun the same command "
+              "to resume", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
 def _satpipe_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -16,6 +16,12 @@ each epoch (nccl on CUDA, gloo on CPU). --batch-size is per process (global = N 
     RUN/checkpoints/last.pt   written atomically after every epoch (see sat_train.checkpoint)
     RUN/summary.json      at the end: method, saliency source, epochs, train time, throughput, final loss/acc
 
+Safety: before the first step the shard set is checked against its manifest (--verify-shards sha256,
+the default: every tar and index byte, hashed in parallel threads; `size`: sizes only) and every label
+against the class count. A loss (or weight) that turns nan or inf stops the run: one line naming the
+epoch and step, exit 2, no checkpoint of those weights (checkpoints/last.pt keeps the last good epoch).
+One line per epoch goes to stderr (loss, accuracy, p, img/s, time left); a tqdm bar too on a terminal.
+
 Determinism: data order and augmentation follow (seed, epoch); the perturbation draws use a
 generator seeded by (seed, epoch, rank); all global RNG states are checkpointed. On CPU a run stopped
 after epoch k (--stop-after-epochs k, or a crash after the checkpoint) and resumed ends with the same
@@ -23,12 +29,10 @@ weights, bit for bit, as an uninterrupted run.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import inspect
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -37,18 +41,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import sat_train
 from sat_train import distributed as D
+from sat_train import run_folder as RF
 from sat_train.checkpoint import (CheckpointError, checkpoint_path, first_non_finite, load_checkpoint, rng_state,
                                   save_checkpoint, set_rng_state)
 from sat_train.config import ConfigError, TrainConfig, config_from_argv
 from sat_train.loader import LoaderError
-from sat_train.methods import Method, config_p, config_tau
+from sat_train.methods import Method, config_p
 from sat_train.models import build_model, model_spec
 from sat_train.optim import make_optimizer, make_scheduler
-from shards.format import ShardFormatError, atomic_write_bytes, atomic_write_json
+from shards.format import ShardFormatError, atomic_write_json
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
 CHECK_EVERY = 10  # steps between loss syncs (progress bar and the non-finite loss check)
 
 
@@ -66,50 +69,8 @@ class _NonFinite(Exception):
 USER_ERRORS = (ConfigError, CheckpointError, ShardFormatError, LoaderError, TrainingDiverged, OSError)
 
 
-def satpipe_version() -> str:
-    # the installed distribution's version: `sat_train.__version__` is missing when an old editable
-    # install maps sat_train as a namespace package (its __init__ never runs outside the repo root)
-    try:
-        return importlib.metadata.version("satpipe")
-    except importlib.metadata.PackageNotFoundError:
-        return getattr(sat_train, "__version__", "unknown")
-
-
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def resolve_run_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.run or f"runs/{cfg.method.replace('+', '-')}")
-
-
-def prepare_run_dir(cfg: TrainConfig, run: Path, info: D.DistInfo) -> bool:
-    """Refuse to mix two runs in one folder; --overwrite clears this project's files only. Returns
-    True when training continues from the run's checkpoint.
-
-    A folder whose run never finished an epoch (config.json, perhaps a metrics line or a temp file of
-    a checkpoint being written when it was killed, but no checkpoint) is not a run yet: a plain rerun
-    starts it, and so does --resume. Temp files of writes cut short by a kill are removed."""
-    ckpt = checkpoint_path(run)
-    if info.is_main:
-        for stale in [*run.glob(".*.tmp-*"), *ckpt.parent.glob(".*.tmp-*")]:
-            stale.unlink(missing_ok=True)
-    started = ckpt.exists() or (run / "summary.json").exists()
-    if cfg.resume:
-        if ckpt.exists():
-            return True
-        if started:
-            raise CheckpointError(f"{ckpt}: no checkpoint to resume (the run finished and its checkpoint was removed?)")
-        if info.is_main:
-            print(f"sat-train fit: {run} holds no checkpoint yet (stopped in its first epoch): starting it from epoch 1",
-                  file=sys.stderr)
-    elif started and not cfg.overwrite:
-        raise ConfigError(f"{run}: already holds a run; pass --resume to continue it or --overwrite to start over")
-    if info.is_main:
-        for name in RUN_FILES:
-            (run / name).unlink(missing_ok=True)
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)
-    return False
 
 
 def _ddp_without_buffer_sync() -> dict:
@@ -139,10 +100,10 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
 
     info = info or D.DistInfo(device=D.resolve_device(cfg.device))
     device, main = info.device, info.is_main
-    run = resolve_run_dir(cfg)
+    run = RF.resolve_run_dir(cfg)
     if not cfg.shards:
         raise ConfigError("no training shards given (--shards DIR)")
-    resume = prepare_run_dir(cfg, run, info)
+    resume = RF.prepare_run_dir(cfg, run, info)
     D.barrier(info)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -204,7 +165,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
     if main:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run / "config.json", cfg.to_dict())
-        _trim_metrics(run / "metrics.jsonl", start_epoch)
+        RF.trim_metrics(run / "metrics.jsonl", start_epoch)
         print(f"sat-train fit: {cfg.method} on {manifest.root} ({manifest.num_samples} samples, {manifest.num_classes} "
               f"classes, {img['height']}x{img['width']}x{img['channels']}) -> {run}\n"
               f"  {cfg.arch}, {info.world_size} process(es) on {device}, batch {cfg.batch_size}/process "
@@ -233,23 +194,24 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
             history.append(row)
             if main:
                 # metrics line first, checkpoint second: after a crash between the two, --resume redoes the
-                # epoch and drops the line (_trim_metrics); the other order could lose an epoch's line
+                # epoch and drops the line (RF.trim_metrics); the other order could lose an epoch's line
                 with open(run / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 save_checkpoint(checkpoint_path(run), {
                     "model": bare.state_dict(), "model_spec": spec, "config": cfg.to_dict(), "epoch": epoch + 1,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
                     "classes": list(manifest.classes), "shards_fingerprint": manifest.fingerprint,
-                    "satpipe_version": satpipe_version()})
-                print(_epoch_line(row, cfg.epochs, history, last_epoch), file=sys.stderr, flush=True)
+                    "satpipe_version": RF.satpipe_version()})
+                print(RF.epoch_line(row, cfg.epochs, history, last_epoch), file=sys.stderr, flush=True)
             D.barrier(info)
     finally:
         loader.close()
-    summary = _summary(cfg, manifest, run, _read_metrics(run / "metrics.jsonl") if main else history, info, last_epoch)
+    rows = RF.read_metrics(run / "metrics.jsonl") if main else history
+    summary = RF.run_summary(cfg, manifest, run, rows, info, last_epoch)
     if main and last_epoch == cfg.epochs:
         atomic_write_json(run / "summary.json", summary)
     if main:
-        _print_summary(summary, stopped=last_epoch < cfg.epochs)
+        RF.print_summary(summary, stopped=last_epoch < cfg.epochs)
     return (bare, summary) if return_model else summary
 
 
@@ -258,20 +220,6 @@ def _diverged(run: Path, epoch: int, what: str) -> TrainingDiverged:
             "no checkpoint was written")
     return TrainingDiverged(f"training diverged in epoch {epoch + 1}: {what}; {kept} (lower --lr, or check the "
                             f"data and --weight-decay)")
-
-
-def _epoch_line(row: dict, epochs: int, history: list[dict], last_epoch: int) -> str:
-    """One line per epoch (also without progress bars, e.g. inside `sat-train experiment`)."""
-    mean_time = sum(r["epoch_time_s"] for r in history) / len(history)
-    left = mean_time * (last_epoch - row["epoch"] - 1)
-    return (f"epoch {row['epoch'] + 1}/{epochs}  loss {row['loss']:.4f}  acc {row['train_acc']:.3f}  p {row['p']:.3f}  "
-            f"{row['images_per_s']:.0f} img/s  {row['epoch_time_s']:.1f} s  ~{_duration(left)} left")
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def run_epoch(model, bare, loader, method, optimizer, scheduler, scaler, autocast, p, gen, coin, cfg, steps,
@@ -353,57 +301,6 @@ def _check_finite(losses: torch.Tensor, i: int, info: D.DistInfo) -> None:
 
 def _zero(device):
     return torch.zeros((), dtype=torch.float64, device=device)
-
-
-def _trim_metrics(path: Path, start_epoch: int) -> None:
-    """On resume, drop lines of epochs the checkpoint does not hold (a crash between the two writes)."""
-    if path.exists():
-        keep = [r for r in _read_metrics(path) if r["epoch"] < start_epoch]
-        atomic_write_json_lines(path, keep)
-
-
-def atomic_write_json_lines(path: Path, rows: list[dict]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _summary(cfg, manifest, run, rows, info, epochs_done) -> dict:
-    last = rows[-1] if rows else {}
-    train_time = sum(r["epoch_time_s"] for r in rows)
-    images = sum(r.get("images", 0) for r in rows)
-    mcfg = manifest.raw.get("config", {})
-    return {"method": cfg.method, "arch": cfg.arch, "run": str(run), "shards": str(manifest.root),
-            "data_source": mcfg.get("source"), "saliency_source": _saliency_kind(manifest), "epochs": epochs_done,
-            "epochs_planned": cfg.epochs, "train_time_s": train_time, "images_per_s": images / train_time if train_time else 0.0,
-            "final_loss": last.get("loss"), "final_train_acc": last.get("train_acc"), "final_input_acc": last.get("input_acc"),
-            "final_p": last.get("p"), "sat_tau": config_tau(cfg), "world_size": info.world_size, "device": str(info.device),
-            "shards_fingerprint": manifest.fingerprint, "satpipe_version": satpipe_version()}
-
-
-def _saliency_kind(manifest):
-    """How the shards' saliency maps were made: the manifest's saliency block, else its build config."""
-    block = manifest.raw.get("saliency")
-    if isinstance(block, dict) and block.get("kind"):
-        return block["kind"]
-    return manifest.raw.get("config", {}).get("saliency")
-
-
-def _print_summary(s: dict, stopped: bool) -> None:
-    head = f"stopped after epoch {s['epochs']} of {s['epochs_planned']} (resume with --resume)" if stopped else "done"
-    fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = [f"sat-train fit: {head}",
-             f"  run            {s['run']}",
-             f"  method         {s['method']} ({s['arch']}) on {fmt(s['data_source'])}, saliency {fmt(s['saliency_source'])}",
-             f"  epochs         {s['epochs']}/{s['epochs_planned']}  on {s['world_size']} x {s['device']}",
-             f"  train time     {s['train_time_s']:.1f} s   ({s['images_per_s']:.0f} images/s)",
-             f"  final loss     {fmt(s['final_loss'])}   clean train acc {fmt(s['final_train_acc'])}"
-             f"   acc on trained inputs {fmt(s['final_input_acc'])}   p {fmt(s['final_p'])}"]
-    print("\n".join(lines), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,12 @@ L2, Carlini-Wagner L2 (short budget), optionally AutoAttack on the first N sampl
 distortions (contrast, low-pass, high-pass). Prints a table with gradient-masking warnings and writes
 RUN/eval/<shard-set name>.json atomically (per row: accuracy, n, attack parameters, time). Config: flags,
 or `--config eval.toml` (EvalConfig fields; flags win; unknown keys are an error).
+
+Before any attack: the checkpoint must hold finite weights and fit the shard set (classes, channels,
+size), and the shard set is checked as `fit` checks it (--verify-shards sha256, the default, or size;
+every label against the class count). The results record which model was attacked (BatchNorm folded
+or not, and why not). (Over 350 lines until the config layer is unified, issue 15: EvalConfig and its
+hand-written flags live here.)
 """
 from __future__ import annotations
 

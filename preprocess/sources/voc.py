@@ -243,6 +243,11 @@ class VocSource(Source):
         masks = [] if self.layout.flat else [self.root / d / f"{image_id}.png" for d in ("SegmentationObject", "SegmentationClass")]
         return [self.root / rel] + masks
 
+    def item_files(self, item: WorkItem) -> list[Path]:
+        image_id, rel = item.data[:2]
+        masks = [] if self.layout.flat else [self.root / d / f"{image_id}.png" for d in ("SegmentationObject", "SegmentationClass")]
+        return [self.root / rel] + masks
+
     def load(self, item: WorkItem):
         image_id, rel, filename, w, h, objs = item.data
         path = self.root / rel

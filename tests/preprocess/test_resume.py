@@ -147,3 +147,27 @@ def test_fixed_skipped_image_with_another_image_changed_refuses(broken_coco, tmp
     with pytest.raises(BuildError, match=r"1 item\(s\) that had been built changed \(e\.g\. .*img_0001\.jpg\).*--overwrite"):
         _build_in_process(root, out)
     assert (out / "manifest.json").is_file()  # the refused re-run changed nothing
+
+
+def test_fixed_skipped_image_resumes_for_voc_too(tmp_path):
+    """VOC names its files (image + masks) as well: guards `item_files` in a second source."""
+    import dataset_fixtures as fx
+    import numpy as np
+
+    from preprocess.build import build
+    from preprocess.config import BuildConfig
+
+    root, rng = tmp_path / "voc", np.random.default_rng(0)
+    for i in range(4):
+        fx.write_jpeg(root / "JPEGImages" / f"f{i}.jpg", fx.object_photo(rng, 48, 64, (10, 5, 40, 35)))
+        (root / "Annotations").mkdir(parents=True, exist_ok=True)
+        (root / "Annotations" / f"f{i}.xml").write_text(fx.voc_xml(f"f{i}.jpg", 64, 48, [{"name": "dog", "box": (11, 6, 40, 35)}]))
+    good = (root / "JPEGImages" / "f2.jpg").read_bytes()
+    (root / "JPEGImages" / "f2.jpg").write_bytes(b"")
+    cfg = BuildConfig(source="voc", root=str(root), split="all", size=32, shard_size=1, out=str(tmp_path / "out"),
+                      progress=False)
+    assert build(cfg, log=lambda *_: None)["counts"]["skipped"] == {"empty image": 1}
+    (root / "JPEGImages" / "f2.jpg").write_bytes(good)
+    logs: list = []
+    assert build(cfg, log=logs.append)["counts"]["written"] == 4
+    assert any("keeping 3 shards, rebuilding 1" in line for line in logs), logs

@@ -9,7 +9,7 @@ The paper's CIFAR setting (Mangla et al. 2020): a teacher trained normally or ad
 each image its map. The reference code recomputes every map in every epoch, one image per
 forward/backward; here every batch is one forward/backward and the maps are stored once, in a
 complete new shard set (same samples, keys, labels and image bytes as IN; see shards/derive.py),
-which `fit --method sat`, `experiment` ([experiment.saliency] teacher = "OUT") and `preprocess
+which `fit --method sat`, `experiment` ([sources] teacher = "OUT") and `preprocess
 verify/info/preview` read like any other. Explainers, conventions and the exact 8-bit ranges are
 documented in sat_train/explain.py.
 

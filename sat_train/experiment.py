@@ -25,6 +25,7 @@ grid.toml (configs/fashion-mnist-study.toml is a full example; unknown tables an
     [fit]                              # TrainConfig keys shared by every run (sat-train fit --help)
     epochs = 10
     sat_final_p = 0.9
+    pgd_alpha = "eps/2"                # "eps/N" or "eps*X": relative to each run's training eps
 
     [eval]                             # EvalConfig keys (sat-train eval --help); autoattack_eps defaults to each
     limit = 2000                       # run's training eps (standard: the first grid eps)

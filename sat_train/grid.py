@@ -19,6 +19,7 @@ DERIVED_KEYS = {"shards", "teacher", "from", "explainer", "args"}
 GRID_OWNS = ("shards", "run", "method", "seed", "resume", "overwrite")  # set per run by the grid
 BLOCK_OWNS = GRID_OWNS + ("eps",)  # a [[runs]] block sets eps with its own `eps` list
 _EPS_FRACTION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*255\s*$")
+_EPS_RELATIVE = re.compile(r"^\s*eps\s*([*/])\s*(\d+(?:\.\d+)?)\s*$")  # "eps/4", "eps*0.25": per run's eps
 
 
 class ExperimentError(Exception):
@@ -235,6 +236,11 @@ def _plan_run(method, source, sources, plain_shards, eps, seed, tag, fit, overri
     values.setdefault("progress", False)
     if eps:
         values["eps"] = eps[0]
+    for key, value in values.items():
+        m = _EPS_RELATIVE.match(value) if isinstance(value, str) and key not in GRID_OWNS else None
+        if m:  # a step size written relative to the training eps, e.g. pgd_alpha = "eps/4"
+            base = values.get("eps", 8 / 255)
+            values[key] = base * float(m.group(2)) if m.group(1) == "*" else base / float(m.group(2))
     try:
         cfg = from_dict(dict(values), f"{where} [fit] for {name}")
     except ConfigError as e:

@@ -129,6 +129,7 @@ teacher = {{ shards = "{out}/teacher", teacher = "standard-s0", from = "fg" }}
 [fit]
 epochs = 3
 sat_final_p = 0.9
+pgd_alpha = "eps/2"
 [eval]
 eps = [2, 8, 25.5]
 autoattack = 10
@@ -168,6 +169,8 @@ def test_plan_blocks_eps_axis_names_and_derived_sources_last(tiny_shards, tmp_pa
     assert r.fit_values["eps"] == 0.1 and r.eval_values["autoattack_eps"] == 25.5 and r.train_shards == str(a)
     assert by["sat-fg-eps8_255-s0"].eval_values["autoattack_eps"] == pytest.approx(8.0)
     assert by["pgd-eps0.1-s0"].fit_values["pgd_steps"] == 2 and by["pgd-eps0.1-s0"].train_shards == str(a)
+    assert by["pgd-eps0.1-s0"].fit_values["pgd_alpha"] == pytest.approx(0.05)  # "eps/2" of each run's eps
+    assert by["sat-fg-eps8_255-s0"].fit_values["pgd_alpha"] == pytest.approx(4 / 255)
     assert by["sat-fg-p0.25-eps8_255-s0"].fit_values["sat_final_p"] == 0.25
     assert by["sat-fg-eps8_255-s0"].fit_values["sat_final_p"] == 0.9
     assert by["standard-s0"].eps is None and "autoattack_eps" not in by["standard-s0"].eval_values
@@ -185,6 +188,7 @@ def test_plan_blocks_eps_axis_names_and_derived_sources_last(tiny_shards, tmp_pa
     ('fit = { pgd_steps = 2 }', 'fit = { pgd_steps = 2, eps = 0.3 }', "fit must not set eps"),
     ('method = "standard"', 'method = "standard"\ncolour = 1', "unknown key(s) colour"),
     ('sat_final_p = 0.9', 'sat_final_p = 1.5', "sat_final_p=1.5"),
+    ('pgd_alpha = "eps/2"', 'pgd_alpha = "eps/two"', "pgd_alpha = 'eps/two' is not a valid float"),
 ])
 def test_bad_study_grids_name_the_problem(tiny_shards, tmp_path, capsys, good, bad, message):
     a = tiny_shards(num_samples=16)

@@ -14,11 +14,14 @@ Same teacher (a `sat-train fit --method standard` cnn4 run), same images, same e
      per batch, one image at a time (the reference). Target: online / stored >= 3.
   3. Faithfulness on held-out test images: true-class probability drop when the 20% most salient pixels
      are set to 0 (the background), vs 20% random pixels, vs the salient masks misplaced onto other images.
+  4. On a CPU: one process with every core as torch threads vs one single-thread process per core, i.e.
+     whether a `--workers` option would pay (the command has none: see the README's teacher section).
 Timings are the median of --rounds interleaved rounds. Writes bench/results/teacher.md.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import statistics
@@ -151,6 +154,42 @@ def sat_epochs(args, device, teacher_set: Path, plain_set: Path, model) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _explain_random(task) -> float:
+    """Seconds for grad-sign maps of n random 28 px images with a fresh cnn4, in batches of 256 (pool worker)."""
+    n, threads = task
+    torch.set_num_threads(threads)
+    from sat_train.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cnn4", 10, 1, 28).eval().requires_grad_(False)
+    x, y = torch.rand(n, 1, 28, 28), torch.randint(0, 10, (n,))
+    t0 = time.perf_counter()
+    for i in range(0, n, 256):
+        explain(model, x[i:i + 256], y[i:i + 256], ExplainConfig())
+    return time.perf_counter() - t0
+
+
+def cpu_parallelism(args) -> dict:
+    """maps/s on the CPU: one process with every core as torch threads vs one single-thread process per core
+    (what a --workers option would do). Decides whether --workers is worth having."""
+    import multiprocessing as mp
+
+    cores, n = os.cpu_count() or 1, args.images
+    times: dict[str, list[float]] = {"threads": [], "processes": []}
+    with mp.get_context("spawn").Pool(cores) as pool:
+        pool.map(_explain_random, [(256, 1)] * cores)  # imports and first calls out of the timing
+        for r in range(args.rounds):
+            for name in (("threads", "processes") if r % 2 == 0 else ("processes", "threads")):
+                t0 = time.perf_counter()
+                if name == "threads":
+                    _explain_random((n, cores))
+                else:
+                    pool.map(_explain_random, [(n // cores, 1)] * cores)
+                times[name].append(time.perf_counter() - t0)
+    torch.set_num_threads(args.threads)
+    return {"cores": cores, **{k: n / statistics.median(v) for k, v in times.items()}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,7 +227,7 @@ def main(argv=None) -> int:
 
     train = build_shards(work, "train", args.images)
     test = build_shards(work, "test", args.eval_images)
-    run = train_teacher(work, train, epochs=1 if q else 3, limit_batches=20 if q else 0)
+    run = train_teacher(work, train, epochs=4 if q else 3, limit_batches=0)
     model, ckpt = load_model(run, device=device)
     model.requires_grad_(False)
     x, y, keys = load_images(train, device)
@@ -202,6 +241,7 @@ def main(argv=None) -> int:
     teacher_saliency(train, run, teacher_set, ExplainConfig(), batch_size=args.batch_size, device=device.type,
                      overwrite=True, progress=False, log=lambda m: None)
     sat = sat_epochs(args, device, teacher_set, train, model)
+    par = cpu_parallelism(args) if device.type == "cpu" else None
     xt, yt, kt = load_images(test, device)
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).float().mean())
@@ -222,6 +262,12 @@ def main(argv=None) -> int:
               f"| stored teacher maps (grad-sign shard set) | {sat['stored']:.1f} | 1.00x |",
               f"| online, one image per forward/backward (reference) | {sat['online']:.1f} | "
               f"{sat['online'] / sat['stored']:.2f}x |",
+              *([] if par is None else [
+                  "", f"CPU parallelism, grad-sign on {args.images} random 28 px images, cnn4, batch 256 (compute only):", "",
+                  "| layout | maps/s | vs threads |", "|---|---:|---:|",
+                  f"| 1 process x {par['cores']} torch threads | {par['threads']:,.0f} | 1.00x |",
+                  f"| {par['cores']} processes x 1 thread (a --workers option) | {par['processes']:,.0f} | "
+                  f"{par['processes'] / par['threads']:.2f}x |"]),
               "", f"Faithfulness on {len(xt)} test images (true-class probability drop; 20% of the pixels set to 0):", "",
               "| explainer | 20% most salient | 20% random | salient masks misplaced | salient > random |",
               "|---|---:|---:|---:|---|"]

@@ -18,6 +18,7 @@ manifest last, recording the derivation (`shuffle-saliency`, seed) and IN's fing
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.derive import Batch, Derivation, DeriveError, derive, open_input, run_command
-from shards.format import SALIENCY_EXT, TAR_BLOCK, Manifest, ShardFormatError, read_dali_index
+from shards.format import SALIENCY_EXT, TAR_BLOCK, Manifest, ShardFormatError, read_dali_index, read_manifest
 from preprocess.tar_fast import FastShardWriter
 
 DERIVATION = "shuffle-saliency"
@@ -118,8 +119,14 @@ def make_maps_fn(perm: np.ndarray, reader: MapReader):
     return make_maps
 
 
+def worker_maps(in_dir: str, seed: int):
+    """make_maps for a --workers process (the derangement is recomputed: a pure function of the seed)."""
+    manifest = read_manifest(in_dir)
+    return make_maps_fn(derangement(manifest.num_samples, seed), MapReader(manifest))
+
+
 def shuffle_saliency(in_dir, out_dir, seed: int, *, batch_size: int = 1024, overwrite: bool = False,
-                     progress: bool = True, log=print) -> dict:
+                     progress: bool = True, log=print, workers: int = 1) -> dict:
     manifest = open_input(in_dir)
     try:
         perm = derangement(manifest.num_samples, seed)
@@ -132,7 +139,8 @@ def shuffle_saliency(in_dir, out_dir, seed: int, *, batch_size: int = 1024, over
                             saliency, execution={"batch_size": batch_size})
     try:
         return derive(in_dir, out_dir, derivation, make_maps_fn(perm, reader), batch_size=batch_size,
-                      overwrite=overwrite, progress=progress, log=log, manifest=manifest, writer_cls=FastShardWriter)
+                      overwrite=overwrite, progress=progress, log=log, manifest=manifest, writer_cls=FastShardWriter,
+                      workers=workers, maps_factory=functools.partial(worker_maps, str(manifest.root), seed))
     finally:
         reader.close()
 
@@ -144,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, metavar="OUT_SHARDS", help="output shard set folder")
     ap.add_argument("--seed", type=int, default=0, help="seed of the derangement (default 0)")
     ap.add_argument("--batch-size", type=int, default=1024, help="maps read per batch (memory only; default 1024)")
+    ap.add_argument("--workers", type=int, default=1, help="shards written by N processes (default 1)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace whatever else OUT holds (an output of this very derivation is kept and resumed anyway)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -151,4 +160,4 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     return run_command("preprocess shuffle-saliency", args.out, lambda: shuffle_saliency(
         Path(args.input), Path(args.out), args.seed, batch_size=args.batch_size, overwrite=args.overwrite,
-        progress=not args.no_progress, log=log))
+        progress=not args.no_progress, log=log, workers=args.workers))

@@ -25,6 +25,7 @@ IN, a missing or damaged checkpoint, a damaged IN) stops with one line naming th
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -88,8 +89,17 @@ def make_maps_fn(model, cfg: ExplainConfig, manifest: Manifest, device: torch.de
     return make_maps
 
 
+def worker_maps(teacher: str, cfg: ExplainConfig, in_dir: str, sha256: str):
+    """make_maps for a --workers process: one CPU thread (the processes are the parallelism), the same checkpoint."""
+    torch.set_num_threads(1)
+    model, ckpt = load_model(teacher, device="cpu")
+    if sha256_file(ckpt["path"]) != sha256:
+        raise DeriveError(f"{ckpt['path']}: the checkpoint changed while the teacher set was being made")
+    return make_maps_fn(model.requires_grad_(False), cfg, read_manifest(in_dir), torch.device("cpu"))
+
+
 def teacher_saliency(in_dir, teacher, out_dir, cfg: ExplainConfig, *, batch_size: int = 256, device: str = "auto",
-                     overwrite: bool = False, progress: bool = True, log=print) -> dict:
+                     overwrite: bool = False, progress: bool = True, log=print, workers: int = 1) -> dict:
     """Write the teacher shard set; returns its manifest. Raises DeriveError / CheckpointError / ExplainError."""
     from sat_train.distributed import resolve_device
 
@@ -99,6 +109,8 @@ def teacher_saliency(in_dir, teacher, out_dir, cfg: ExplainConfig, *, batch_size
     except ShardFormatError as e:
         raise DeriveError(str(e)) from None
     dev = resolve_device(device)
+    if workers > 1 and dev.type != "cpu":
+        raise DeriveError(f"--workers {workers}: worker processes are for CPU runs (one GPU process batches already)")
     model, ckpt = load_model(teacher, device=dev)
     model.requires_grad_(False)  # input gradients only: no weight gradients are ever computed
     manifest = open_input(in_dir)
@@ -117,9 +129,11 @@ def teacher_saliency(in_dir, teacher, out_dir, cfg: ExplainConfig, *, batch_size
                     "trained_on": (ckpt.get("shards_fingerprint") or {}).get("digest")},
     }
     derivation = Derivation(DERIVATION, params, saliency,
-                            execution={"batch_size": batch_size, "device": str(dev), **_versions()})
-    return derive(in_dir, out_dir, derivation, make_maps_fn(model, cfg, manifest, dev), batch_size=batch_size,
-                  overwrite=overwrite, progress=progress, log=log, manifest=manifest)
+                            execution={"batch_size": batch_size, "device": str(dev), "workers": workers, **_versions()})
+    factory = functools.partial(worker_maps, str(teacher), cfg, str(in_dir), sha)
+    return derive(in_dir, out_dir, derivation, make_maps_fn(model, cfg, manifest, dev) if workers == 1 else None,
+                  batch_size=batch_size, overwrite=overwrite, progress=progress, log=log, manifest=manifest,
+                  workers=workers, maps_factory=factory)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=d.seed, help="seed of SmoothGrad's noise (per sample key)")
     ap.add_argument("--batch-size", type=int, default=256, help="images per forward/backward (default 256)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the teacher runs")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="CPU only: shards in N processes of one thread each instead of one process with N torch "
+                         "threads (bench/teacher.py measures which is faster on your machine; default 1)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace whatever else OUT holds (an output of this very derivation is kept and resumed anyway)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -167,5 +184,5 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout stays clean)
     return run_command("sat-train teacher-saliency", args.out, lambda: teacher_saliency(
         args.input, args.teacher, args.out, cfg, batch_size=args.batch_size, device=args.device,
-        overwrite=args.overwrite, progress=not args.no_progress, log=log),
+        overwrite=args.overwrite, progress=not args.no_progress, log=log, workers=args.workers),
         user_errors=(CheckpointError, ExplainError, ConfigError))

@@ -260,17 +260,21 @@ def derive_shard(manifest: Manifest, n: int, first: int, out: Path, plan: str, m
     return info
 
 
-def derive(in_dir, out_dir, derivation: Derivation, make_maps: MakeMaps, *, batch_size: int = 256,
+def derive(in_dir, out_dir, derivation: Derivation, make_maps: MakeMaps | None, *, batch_size: int = 256,
            overwrite: bool = False, progress: bool = True, log=print, manifest: Manifest | None = None,
-           writer_cls=ShardWriter) -> dict:
+           writer_cls=ShardWriter, workers: int = 1, maps_factory: Callable[[], MakeMaps] | None = None) -> dict:
     """Derive OUT from IN (see the module docstring); returns the output manifest.
 
     Pass `manifest` when the caller already ran `open_input(in_dir)` (it reads every byte);
-    `writer_cls` may be a faster ShardWriter with the same bytes (preprocess.tar_fast.FastShardWriter)."""
+    `writer_cls` may be a faster ShardWriter with the same bytes (preprocess.tar_fast.FastShardWriter).
+    workers > 1: whole shards in that many spawned processes, each calling the picklable `maps_factory`
+    once for its own `make_maps` (a shard's bytes do not depend on which process wrote it)."""
     from tqdm import tqdm
 
-    if batch_size < 1:
-        raise DeriveError(f"batch size must be >= 1, not {batch_size}")
+    if batch_size < 1 or workers < 1:
+        raise DeriveError(f"batch size and workers must be >= 1, not {batch_size} and {workers}")
+    if (make_maps if workers == 1 else maps_factory) is None:
+        raise DeriveError(f"{derivation.name}: no map function for {workers} worker(s) (a bug)", code=1)
     manifest = manifest or open_input(in_dir)
     out = Path(out_dir)
     if out.resolve() == manifest.root.resolve():
@@ -281,12 +285,23 @@ def derive(in_dir, out_dir, derivation: Derivation, make_maps: MakeMaps, *, batc
     infos = {n: shard_done(out, s["tar"], header["plan"]) for n, s in enumerate(manifest.shards)}
     todo = [n for n, info in infos.items() if info is None]
     log(f"{derivation.name}: {manifest.root} -> {out}: {manifest.num_samples} samples in {len(infos)} shards, "
-        f"{len(infos) - len(todo)} already complete, {len(todo)} to derive")
+        f"{len(infos) - len(todo)} already complete, {len(todo)} to derive"
+        + (f", {min(workers, len(todo))} workers" if workers > 1 and todo else ""))
     bar = tqdm(total=sum(manifest.shards[n]["samples"] for n in todo), unit="sample", disable=not progress or not todo,
                file=sys.stderr, dynamic_ncols=True, desc=derivation.name)
     try:
-        for n in todo:
-            infos[n] = derive_shard(manifest, n, firsts[n], out, header["plan"], make_maps, batch_size, bar, writer_cls)
+        if workers == 1 or len(todo) < 2:
+            maps = make_maps or maps_factory()
+            for n in todo:
+                infos[n] = derive_shard(manifest, n, firsts[n], out, header["plan"], maps, batch_size, bar, writer_cls)
+        else:
+            import multiprocessing
+
+            tasks = [(maps_factory, header["plan"], manifest.root, n, firsts[n], out, batch_size, writer_cls) for n in todo]
+            with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+                for n, info in pool.imap_unordered(_derive_shard_task, tasks):
+                    infos[n] = info
+                    bar.update(info["samples"])
     finally:
         bar.close()
     result = output_manifest(manifest, derivation, header, [infos[n] for n in range(len(infos))])
@@ -294,6 +309,17 @@ def derive(in_dir, out_dir, derivation: Derivation, make_maps: MakeMaps, *, batc
     log(f"{out}: {result['counts']['written']} samples in {len(result['shards'])} shards "
         f"({derivation.name}, fingerprint {result['fingerprint']['digest']})")
     return result
+
+
+_WORKER: dict = {}  # per worker process: the plan it serves, its manifest and map function
+
+
+def _derive_shard_task(task) -> tuple[int, dict]:
+    factory, plan, root, n, first, out, batch_size, writer_cls = task
+    if _WORKER.get("plan") != plan:
+        _WORKER.update(plan=plan, manifest=read_manifest(root), make_maps=factory())
+    return n, derive_shard(_WORKER["manifest"], n, first, Path(out), plan, _WORKER["make_maps"], batch_size, None,
+                           writer_cls)
 
 
 def run_command(prog: str, out, job: Callable[[], object], user_errors: tuple = ()) -> int:

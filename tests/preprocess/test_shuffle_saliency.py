@@ -83,10 +83,10 @@ def test_damaged_input_is_refused(tiny_shards, tmp_path, capsys):
     assert "train-000001.idx" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("batch_size", [1, 64])
-def test_batch_size_does_not_change_the_output(tiny_shards, tmp_path, batch_size):
+@pytest.mark.parametrize("flags", [("--batch-size", 1), ("--batch-size", 64), ("--workers", 2)])
+def test_batch_size_and_workers_do_not_change_the_output(tiny_shards, tmp_path, flags):
     src = tiny_shards(num_samples=24, per_shard=10)
-    assert _shuffle(src, tmp_path / "a", 3, "--batch-size", batch_size) == 0
+    assert _shuffle(src, tmp_path / "a", 3, *flags) == 0
     assert _shuffle(src, tmp_path / "b", 3, "--batch-size", 5) == 0
     assert [p.read_bytes() for p in read_manifest(tmp_path / "a").tar_paths()] == \
         [p.read_bytes() for p in read_manifest(tmp_path / "b").tar_paths()]

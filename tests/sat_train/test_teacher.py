@@ -144,3 +144,17 @@ def test_fit_sat_trains_on_a_teacher_set(tiny, tmp_path):
                              "loader_backend": "torch", "num_workers": 0}))
     assert summary["saliency_source"] == "teacher"
     assert summary["shards_fingerprint"] == read_manifest(out).fingerprint != read_manifest(src).fingerprint
+
+
+def test_workers_write_the_same_bytes_as_one_process(tiny, tmp_path):
+    src, run = tiny
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker runs one thread: same float order, same bytes
+    try:
+        assert _run(src, "--teacher", run, "--out", tmp_path / "one") == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert _run(src, "--teacher", run, "--out", tmp_path / "two", "--workers", "2") == 0
+    one, two = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
+    assert one.shards == two.shards and one.fingerprint == two.fingerprint
+    assert two.raw["derived_from"]["execution"]["workers"] == 2

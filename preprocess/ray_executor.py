@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Iterator
 
 from preprocess.plan import BuildError, ShardPlan
@@ -49,9 +50,27 @@ def import_ray():
     return ray
 
 
+def check_address(address: str, timeout: float = 10.0) -> None:
+    """Refuse an address where nothing listens, in `timeout` seconds: ray.init would retry for minutes,
+    printing warnings. 'auto' and Ray Client URLs (ray://) are left to Ray."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise BuildError(f"--ray-address {address!r}: expected HOST:PORT (the head node's GCS port, 6379 by "
+                         "default), 'auto' or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise BuildError(f"--ray-address {address}: nothing answers there ({e.strerror or e}); is the cluster "
+                         "up (ray start --head)?", code=1) from None
+
+
 def connect(ray, cfg) -> bool:
     """Join --ray-address, or start a local instance with --workers CPUs; True when this build must
     stop it again. An existing session of this process is used as it is."""
+    if cfg.ray_address:
+        check_address(cfg.ray_address)
     if ray.is_initialized():
         return False
     # Ray's own notices (token authentication is on, ...) would bury the build's lines; errors still show

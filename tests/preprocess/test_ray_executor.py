@@ -159,3 +159,18 @@ def test_failing_task_is_retried_then_named(cluster, tmp_path, capsys):
     assert "RuntimeError: injected fault 3" in err
     assert len(list((tmp_path / "fails" / "markers").iterdir())) == 3  # 1 try + 2 retries, then stop
     assert not (tmp_path / "fails" / "out" / "manifest.json").exists()
+
+
+def test_unreachable_ray_address_is_one_line(tmp_path, capsys):
+    """Checked before Ray is asked (ray.init would retry for minutes); no cluster needed."""
+    import socket
+
+    with socket.socket() as s:  # a port on the loopback where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = BuildConfig(source="flaky", out=str(tmp_path / "o"), executor="ray", ray_address=f"127.0.0.1:{port}",
+                      progress=False)
+    from preprocess.ray_executor import connect
+
+    with pytest.raises(Exception, match=rf"--ray-address 127.0.0.1:{port}: nothing answers there"):
+        connect(ray, cfg)

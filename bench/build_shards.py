@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shards.format import atomic_write_bytes
+from shards.storage import atomic_write_bytes
 
 RESULTS = Path(__file__).parent / "results" / "build_shards.md"
 

@@ -28,7 +28,7 @@ import torch
 from sat_train.attacks import pgd
 from sat_train.models import build_model
 from sat_train.robustness import prepare_for_attack
-from shards.format import atomic_write_bytes
+from shards.storage import atomic_write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval.md"
 EPS, STEPS = 8 / 255, 20

@@ -42,7 +42,7 @@ from sat_train.loader import dali_available
 from sat_train.methods import Method, curriculum_p
 from sat_train.models import build_model, model_spec
 from sat_train.optim import make_optimizer, make_scheduler
-from shards.format import atomic_write_bytes
+from shards.storage import atomic_write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("torch", "dali", "device")

@@ -28,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 from sat_train.loader import dali_available, make_loader
-from shards.format import (FORMAT_NAME, FORMAT_VERSION, ShardWriter, atomic_write_bytes, atomic_write_json,
-                           encode_label, saliency_to_uint8)
+from shards.format import FORMAT_NAME, FORMAT_VERSION, encode_label, saliency_to_uint8
+from shards.storage import atomic_write_bytes, atomic_write_json
+from shards.writer import ShardWriter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loader.md"
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from shards.format import atomic_write_bytes
+from shards.storage import atomic_write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = ((2048, 3, 64, 64), (512, 3, 32, 32))  # the README's kernel row; resnet18's training batch

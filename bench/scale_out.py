@@ -31,7 +31,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).parent))
 from build_shards import generate  # noqa: E402  (the COCO-like set the build benchmark uses)
 
-from shards.format import atomic_write_bytes  # noqa: E402
+from shards.storage import atomic_write_bytes  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "scale_out.md"
 

@@ -33,7 +33,10 @@ import numpy as np
 import torch
 
 from shards.derive import decode_images
-from shards.format import MANIFEST_NAME, atomic_write_bytes, decode_label, iter_tar_samples, read_manifest
+from shards.format import MANIFEST_NAME, decode_label
+from shards.manifest import read_manifest
+from shards.reading import iter_tar_samples
+from shards.storage import atomic_write_bytes
 from sat_train.explain import EXPLAINERS, ExplainConfig, deletion_check, explain
 from sat_train.teacher import teacher_saliency
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from kernels.sat_perturb import sat_perturb
 from sat_train.methods import Method
 from sat_train.models import build_model
-from shards.format import atomic_write_bytes
+from shards.storage import atomic_write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.md"
 METHODS = [("standard", "standard", {}), ("sat", "sat", {}), ("sat (unfused)", "sat", {"unfused": True}),

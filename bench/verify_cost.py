@@ -31,7 +31,8 @@ from pathlib import Path
 from sat_train.config import from_dict
 from sat_train.fit import fit
 from sat_train.loader.safety import open_shard_set
-from shards.format import atomic_write_bytes, check_shard_files, read_manifest
+from shards.manifest import check_shard_files, read_manifest
+from shards.storage import atomic_write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

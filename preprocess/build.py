@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shards.format import ShardFormatError, atomic_write_json, sanitize_key
+from shards.format import ShardFormatError, sanitize_key
+from shards.storage import atomic_write_json
 from preprocess.config import BuildConfig
 from preprocess.finalize import MAX_EXAMPLES, merge_counts, summary_line, write_manifest
 from preprocess.plan import (BuildError, ShardPlan, digest_of, input_stamps, layout_digest, make_plan, plan_digest,

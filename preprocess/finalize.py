@@ -5,7 +5,8 @@
 Each node of `build-shards --num-nodes K --node-rank R` writes its shards and sidecars into the
 same (shared or later merged) folder; finalize checks that every planned shard is present and
 intact, then writes the manifest. A single-node build calls the same `write_manifest`, so both
-paths give byte-identical manifests.
+paths give byte-identical manifests. `provenance.json` (shards/provenance.py: satpipe version, git
+commit, library versions) is written just before the manifest.
 """
 from __future__ import annotations
 
@@ -13,19 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, atomic_write_json
+from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
+from shards.provenance import satpipe_version, write_provenance
+from shards.storage import atomic_write_json
 from preprocess.plan import BuildError, read_json, shard_done, state_dir, ShardPlan
 
 MAX_EXAMPLES = 5  # skipped ids kept per reason in the manifest (all are counted)
-
-
-def _satpipe_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("satpipe")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def merge_counts(parts: list[dict]) -> tuple[dict, dict]:
@@ -81,7 +75,7 @@ def write_manifest(out: Path, header: dict, sides: list[dict]) -> dict:
         summary = ", ".join(f"{r}: {n}" for r, n in counts["skipped"].items())
         raise BuildError(f"{out}: no sample could be built ({counts['read']} read; skipped {summary})", code=1)
     manifest = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "satpipe_version": _satpipe_version(),
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "satpipe_version": satpipe_version(),
         "source": header["config"]["source"], "split": header["config"]["split"],
         "plan": header["plan"], "config": header["config"], "config_digest": header["config_digest"],
         "fingerprint": header["fingerprint"], "classes": header["classes"], "image": header["image"],
@@ -89,6 +83,7 @@ def write_manifest(out: Path, header: dict, sides: list[dict]) -> dict:
         "shards": [s["shard"] for s in sides if s["shard"] is not None],
         "counts": counts, "skip_examples": examples,
     }
+    write_provenance(out)  # which software assembled the set; beside the manifest, not part of its identity
     atomic_write_json(out / MANIFEST_NAME, manifest)
     return manifest
 

@@ -2,15 +2,17 @@
 
     preprocess info shards/coco/train
     preprocess info shards/coco/train --json     (the raw manifest)
+    preprocess info s3://bucket/shards/coco/train  (or https://...; credentials: the S3 client's own)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from shards.format import ShardFormatError, read_manifest
+from shards import provenance
+from shards.format import ShardFormatError
+from shards.manifest import read_manifest
 
 
 def _size(n: float) -> str:
@@ -31,7 +33,7 @@ def saliency_summary(raw: dict) -> str:
     return text + (f" (requested {requested})" if requested and requested != kind else "")
 
 
-def describe(root: Path) -> str:
+def describe(root) -> str:
     m = read_manifest(root)
     raw, img, counts = m.raw, m.image, m.raw["counts"]
     total = sum(s["bytes"] for s in m.shards)
@@ -61,6 +63,7 @@ def describe(root: Path) -> str:
         ex = examples.get(reason, [])
         lines.append(f"  skipped   {n:>7}  {reason}" + (f"  (e.g. {'; '.join(ex[:2])})" if ex else ""))
     lines.append("fingerprint " + ", ".join(f"{k}={v}" for k, v in sorted(m.fingerprint.items())))
+    lines.append(f"made by     {provenance.describe(provenance.read_provenance(m.root))}")
     lines.append("config")
     width = max(len(k) for k in raw["config"]) if raw["config"] else 0
     lines += [f"  {k:<{width}} = {v!r}" for k, v in raw["config"].items()]
@@ -70,14 +73,14 @@ def describe(root: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="preprocess info", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dir", help="shard set folder (holds manifest.json)")
+    ap.add_argument("dir", help="shard set folder or URL (s3://bucket/prefix, https://...) holding manifest.json")
     ap.add_argument("--json", action="store_true", help="print the manifest as JSON")
     args = ap.parse_args(argv)
     try:
         if args.json:
-            print(json.dumps(read_manifest(Path(args.dir)).raw, indent=2, sort_keys=True))
+            print(json.dumps(read_manifest(args.dir).raw, indent=2, sort_keys=True))
         else:
-            print(describe(Path(args.dir)))
+            print(describe(args.dir))
     except ShardFormatError as e:
         print(f"preprocess info: {e}", file=sys.stderr)
         return 1

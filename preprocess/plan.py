@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.format import MANIFEST_NAME, atomic_write_json, sha256_file
+from shards.format import MANIFEST_NAME, PROVENANCE_NAME
+from shards.storage import atomic_write_json, sha256_file
 from preprocess.sources.base import WorkItem
 
 STATE_DIR = ".build"
@@ -207,8 +208,8 @@ def carry_over(out: Path, earlier: dict, header: dict, source, shards: list[Shar
 
 
 def clear_output(out: Path) -> None:
-    """Remove an earlier build (--overwrite): shards, indexes, manifest, state, stale temp files."""
-    for pattern in ("*.tar", "*.idx", ".*.tmp-*", MANIFEST_NAME):
+    """Remove an earlier build (--overwrite): shards, indexes, manifest, provenance, state, stale temp files."""
+    for pattern in ("*.tar", "*.idx", ".*.tmp-*", MANIFEST_NAME, PROVENANCE_NAME):
         for p in out.glob(pattern):
             p.unlink()
     shutil.rmtree(state_dir(out), ignore_errors=True)

@@ -6,7 +6,8 @@ Per sample three panels: the image, its saliency as a heat map (-1 blue ... +1 r
 middle colour: "unknown" / `--saliency none`), and the heat map over the image; the class name
 and index are the title, the saliency panel names the kind that sample's map shows (mask, box...),
 and the grid's title the set's (`mixed` with the count of each). Samples are the first N in shard order (builds shuffle at write time,
-so they already mix classes). Reads the tars with `shards.format.iter_tar_samples` only.
+so they already mix classes). Reads and decodes with shards/reading.py; the set may be a URL
+(s3://bucket/prefix, https://...).
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.format import (LABEL_EXT, SALIENCY_EXT, ShardFormatError, check_shard_files, decode_label,
-                           iter_tar_samples, read_manifest, tmp_name, uint8_to_saliency)
+from shards.format import ShardFormatError, uint8_to_saliency
+from shards.manifest import check_shard_files, read_manifest
+from shards.reading import decode_sample, iter_tar_samples
+from shards.storage import atomic_write
 from preprocess.info import saliency_summary
 
 PANEL_INCHES = 1.4
@@ -31,30 +34,14 @@ class PreviewError(Exception):
     """A user-facing problem (bad folder, damaged shard, unwritable output); one line, exit 2."""
 
 
-def decode_sample(sample: dict, image_info: dict) -> tuple[np.ndarray, np.ndarray, int]:
+def decode_preview(sample: dict, image_info: dict) -> tuple[np.ndarray, np.ndarray, int]:
     """(image HxW or HxWx3 uint8 RGB, saliency HxW float in [-1, 1], label) of one shard sample."""
-    import cv2
-
-    fmt, key = image_info["format"], sample.get("__key__", "?")
-    for ext in (fmt, SALIENCY_EXT):
-        if ext not in sample:
-            raise PreviewError(f"sample {key!r} has no .{ext} component")
-    if fmt == "raw":
-        h, w, c = image_info["height"], image_info["width"], image_info["channels"]
-        if len(sample["raw"]) != h * w * c:
-            raise PreviewError(f"sample {key!r}: raw image has {len(sample['raw'])} bytes, manifest says {h}x{w}x{c}")
-        img = np.frombuffer(sample["raw"], np.uint8).reshape((h, w, c) if c > 1 else (h, w))
-    else:
-        img = cv2.imdecode(np.frombuffer(sample[fmt], np.uint8), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise PreviewError(f"sample {key!r}: .{fmt} image does not decode")
-        if img.ndim == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    sal = cv2.imdecode(np.frombuffer(sample[SALIENCY_EXT], np.uint8), cv2.IMREAD_GRAYSCALE)
-    if sal is None:
-        raise PreviewError(f"sample {key!r}: .{SALIENCY_EXT} does not decode")
-    label = decode_label(sample[LABEL_EXT]) if LABEL_EXT in sample else int(sample.get("cls", b"-1"))
-    return img, uint8_to_saliency(sal), label
+    try:
+        d = decode_sample(sample, image_info)
+    except ShardFormatError as e:
+        raise PreviewError(str(e)) from None
+    img = d.image[..., 0] if d.image.shape[2] == 1 else d.image
+    return img, uint8_to_saliency(d.saliency), d.label
 
 
 def _sample_kind(sample: dict) -> str | None:
@@ -75,7 +62,7 @@ def first_samples(root: str | os.PathLike, n: int):
     out = []
     for tar in manifest.tar_paths():
         for sample in iter_tar_samples(tar):
-            img, sal, label = decode_sample(sample, manifest.image)
+            img, sal, label = decode_preview(sample, manifest.image)
             out.append((sample["__key__"], img, sal, label, _sample_kind(sample)))
             if len(out) >= n:
                 return manifest, out
@@ -116,13 +103,9 @@ def render_grid(samples, classes: list[str], out: Path, cols: int | None = None,
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(out)
     try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, out)
+        atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=DPI))
     finally:
-        if tmp.exists():
-            tmp.unlink()
         plt.close(fig)
     w, h = fig.get_size_inches() * DPI
     return int(round(w)), int(round(h))
@@ -137,7 +120,7 @@ def grid_title(root, manifest, shown: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="preprocess preview", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dir", help="shard set folder (with manifest.json)")
+    ap.add_argument("dir", help="shard set folder or URL (s3://bucket/prefix, https://...) with manifest.json")
     ap.add_argument("--out", required=True, help="PNG file to write")
     ap.add_argument("--n", type=int, default=16, help="number of samples (default: 16)")
     ap.add_argument("--cols", type=int, default=0, help="samples per row (default: about sqrt(n))")

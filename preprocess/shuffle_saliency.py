@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from shards.derive import Batch, Derivation, DeriveError, derive, open_input, run_command
-from shards.format import SALIENCY_EXT, TAR_BLOCK, Manifest, ShardFormatError, read_dali_index, read_manifest
+from shards.format import SALIENCY_EXT, ShardFormatError, TAR_BLOCK
+from shards.manifest import Manifest, read_manifest
+from shards.reading import read_dali_index
 from preprocess.tar_fast import FastShardWriter
 
 DERIVATION = "shuffle-saliency"

@@ -1,4 +1,4 @@
-"""FastShardWriter: `shards.format.ShardWriter` with tar headers patched from a template.
+"""FastShardWriter: `shards.writer.ShardWriter` with tar headers patched from a template.
 
 Why: tarfile builds every member header through TarInfo copies, pax checks and per-field encoding;
 for small samples (5 members each, a few KB) that was more than half of a Fashion-MNIST build and
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import io
 import tarfile
-from pathlib import Path
 
-from shards.format import FIXED_MTIME, ShardWriter, tmp_name
+from shards.format import FIXED_MTIME
+from shards.writer import ShardWriter
 
 _NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
 _BLOCK = tarfile.BLOCKSIZE
@@ -85,15 +85,8 @@ class _TemplateTar:
 
 class FastShardWriter(ShardWriter):
     """Drop-in ShardWriter (same write, close, info, temp-name + rename, index) with template tar
-    headers. It sets up the state ShardWriter.__init__ would, minus `import webdataset` (which
-    imports torch: ~3 s per worker process, more than a small build takes)."""
+    headers, and without `import webdataset` (which imports torch: ~3 s per worker process, more than
+    a small build takes)."""
 
     def __init__(self, tar_path):
-        self.tar_path = Path(tar_path)
-        self.idx_path = self.tar_path.with_suffix(".idx")
-        self._tmp_tar = tmp_name(self.tar_path)
-        self._file = open(self._tmp_tar, "wb")
-        self._writer = _TemplateTar(self._file, user="satpipe", group="satpipe")
-        self._index_lines: list[str] = []
-        self._keys: set[str] = set()
-        self.info = None
+        super().__init__(tar_path, make_tar=lambda f: _TemplateTar(f, user="satpipe", group="satpipe"))

@@ -6,7 +6,8 @@ torch.save'd dict:
     {"checkpoint_version": 1, "model": state_dict, "model_spec": {"arch", "num_classes", "in_channels",
      "image_size"}, "config": TrainConfig as dict, "epoch": completed epochs, "optimizer": state_dict,
      "scheduler": state_dict, "rng": {"torch", "cuda", "numpy", "python"}, "classes": [...],
-     "shards_fingerprint": manifest fingerprint, "satpipe_version": "..."}
+     "shards_fingerprint": manifest fingerprint, "shards": the set's folder or URL, "satpipe_version": "...",
+     "provenance": shards.provenance.provenance() of the process that saved it}
 
 Everything in it is plain data or tensors, so it loads with `torch.load(weights_only=True)` (no pickle
 code execution from a checkpoint someone handed you).
@@ -22,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from shards.provenance import provenance
+from shards.storage import atomic_write
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -72,20 +76,12 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------- save / load
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    """torch.save to a temp name in the same folder, fsync, rename: `last.pt` is always complete."""
+    """torch.save through shards.storage.atomic_write (temp name, fsync, rename): `last.pt` is always
+    complete. Every checkpoint records the provenance of the process that saved it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    full = {"checkpoint_version": CHECKPOINT_VERSION, "provenance": provenance(), **state}
+    return atomic_write(path, lambda f: torch.save(full, f))
 
 
 def load_checkpoint(where: str | os.PathLike, map_location="cpu") -> dict:

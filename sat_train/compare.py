@@ -384,7 +384,7 @@ def make_figures(runs: list[dict], groups: list[list[dict]] | None = None) -> di
 def plot_all(runs: list[dict], groups: list[list[dict]], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
-    from shards.format import atomic_write_bytes
+    from shards.storage import atomic_write_bytes
 
     figs = make_figures(runs, groups)
     for name, fig in figs.items():
@@ -396,7 +396,7 @@ def plot_all(runs: list[dict], groups: list[list[dict]], out: Path) -> list[str]
 
 
 def write_report(runs: list[dict], out: Path, eval_name: str | None, notes: list[str]) -> Path:
-    from shards.format import atomic_write_bytes, atomic_write_json
+    from shards.storage import atomic_write_bytes, atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)

@@ -32,7 +32,7 @@ from pathlib import Path
 from sat_train.loader import BACKENDS as LOADER_BACKENDS
 from sat_train.methods import ATTACK_BN_MODES, METHODS
 from sat_train.models import check_arch
-from shards.format import VERIFY_MODES
+from shards.manifest import VERIFY_MODES
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "piecewise", "constant")

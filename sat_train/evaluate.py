@@ -33,7 +33,7 @@ import torch
 from sat_train.config import MAX_SEED, OneLineParser, non_finite, read_toml
 from sat_train.distortions import LEVELS
 from sat_train.loader import BACKENDS as LOADER_BACKENDS
-from shards.format import VERIFY_MODES
+from shards.manifest import VERIFY_MODES
 
 RESULTS_VERSION = 1
 
@@ -279,14 +279,17 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _file_sha256(path) -> str:
-    from shards.format import sha256_file
+    from shards.storage import sha256_file
 
     return sha256_file(path)
 
 
 def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tuple[dict, Path]:
     """Library entry point: run the suite, write the JSON, return (results, path). Raises EvalError."""
-    from shards.format import ShardFormatError, atomic_write_json, read_manifest
+    from shards.format import ShardFormatError
+    from shards.manifest import read_manifest
+    from shards.provenance import provenance
+    from shards.storage import atomic_write_json
     from sat_train.checkpoint import CheckpointError, load_model
     from sat_train.loader import LoaderError, make_loader
     from sat_train.robustness import build_specs, prepare_for_attack, run_suite
@@ -344,6 +347,7 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
         "clean_accuracy": rows[0]["accuracy"], "rows": rows, "sanity": {"passed": not warnings, "warnings": warnings},
         "notes": notes, "total_time_s": round(time.perf_counter() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "provenance": provenance(),
     }
     out = Path(out) if out else run_dir / "eval" / f"{shard_dir.resolve().name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

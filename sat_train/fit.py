@@ -50,7 +50,9 @@ from sat_train.loader import LoaderError
 from sat_train.methods import Method, config_p
 from sat_train.models import build_model, model_spec
 from sat_train.optim import make_optimizer, make_scheduler
-from shards.format import ShardFormatError, atomic_write_json
+from shards.format import ShardFormatError
+from shards.provenance import satpipe_version
+from shards.storage import atomic_write_json
 
 CHECK_EVERY = 10  # steps between loss syncs (progress bar and the non-finite loss check)
 
@@ -201,7 +203,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
                     "model": bare.state_dict(), "model_spec": spec, "config": cfg.to_dict(), "epoch": epoch + 1,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
                     "classes": list(manifest.classes), "shards_fingerprint": manifest.fingerprint,
-                    "satpipe_version": RF.satpipe_version()})
+                    "shards": str(cfg.shards), "satpipe_version": satpipe_version()})
                 print(RF.epoch_line(row, cfg.epochs, history, last_epoch), file=sys.stderr, flush=True)
             D.barrier(info)
     finally:

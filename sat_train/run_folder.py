@@ -10,29 +10,19 @@ config.json, perhaps a metrics line or a checkpoint's temp file) a plain rerun o
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import shutil
 import sys
 from pathlib import Path
 
-import sat_train
 from sat_train import distributed as D
 from sat_train.checkpoint import CheckpointError, checkpoint_path
 from sat_train.config import ConfigError, TrainConfig
 from sat_train.methods import config_tau
-from shards.format import atomic_write_bytes
+from shards.provenance import provenance, satpipe_version
+from shards.storage import atomic_write_bytes
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
-
-
-def satpipe_version() -> str:
-    # the installed distribution's version: `sat_train.__version__` is missing when an old editable
-    # install maps sat_train as a namespace package (its __init__ never runs outside the repo root)
-    try:
-        return importlib.metadata.version("satpipe")
-    except importlib.metadata.PackageNotFoundError:
-        return getattr(sat_train, "__version__", "unknown")
 
 
 def resolve_run_dir(cfg: TrainConfig) -> Path:
@@ -109,7 +99,8 @@ def run_summary(cfg, manifest, run, rows, info, epochs_done) -> dict:
             "epochs_planned": cfg.epochs, "train_time_s": train_time, "images_per_s": images / train_time if train_time else 0.0,
             "final_loss": last.get("loss"), "final_train_acc": last.get("train_acc"), "final_input_acc": last.get("input_acc"),
             "final_p": last.get("p"), "sat_tau": config_tau(cfg), "world_size": info.world_size, "device": str(info.device),
-            "shards_fingerprint": manifest.fingerprint, "satpipe_version": satpipe_version()}
+            "shards_fingerprint": manifest.fingerprint, "satpipe_version": satpipe_version(),
+            "provenance": provenance()}
 
 
 def _saliency_kind(manifest):

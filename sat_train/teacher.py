@@ -34,7 +34,9 @@ import torch
 
 from shards.derive import (Batch, Derivation, DeriveError, decode_images, derive, encode_saliency, open_input,
                            run_command)
-from shards.format import LABEL_EXT, MANIFEST_NAME, Manifest, ShardFormatError, decode_label, read_manifest, sha256_file
+from shards.format import LABEL_EXT, MANIFEST_NAME, ShardFormatError, decode_label
+from shards.manifest import Manifest, read_manifest
+from shards.storage import sha256_file
 from sat_train.checkpoint import CheckpointError, load_model
 from sat_train.config import ConfigError
 from sat_train.explain import (CHANNEL_MODES, DEFAULT_NORMALIZE, EXPLAINERS, NORMALIZATIONS, RANGES, TARGETS,

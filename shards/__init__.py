@@ -1,7 +1,5 @@
-"""Shard format shared by `preprocess` (writes) and `sat_train` (reads); also the default output root.
+"""The shard format shared by `preprocess` (writes) and `sat_train` (reads); also the default output root.
 
+Modules: format (names, encodings, keys), storage (atomic writes, URLs), writer (ShardWriter),
+manifest (reading and checking a manifest), reading (tars, indexes, decoding), provenance.
 Built shard sets live in sub-folders here (git-ignored), e.g. shards/fashion-mnist/train/."""
-from shards.format import *  # noqa: F401,F403
-from shards.format import (  # noqa: F401  (explicit re-exports for readers)
-    Manifest, ShardFormatError, ShardInfo, ShardWriter, check_shard_files, read_manifest,
-)

@@ -38,8 +38,9 @@ def write_tiny_shard_set(root, *, num_samples=64, size=16, channels=3, num_class
     import cv2
     import numpy as np
 
-    from shards.format import (FORMAT_NAME, FORMAT_VERSION, ShardWriter, atomic_write_json, encode_label,
-                               sanitize_key)
+    from shards.format import FORMAT_NAME, FORMAT_VERSION, encode_label, sanitize_key
+    from shards.storage import atomic_write_json
+    from shards.writer import ShardWriter
 
     root = __import__("pathlib").Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import orjson
 
-from shards.format import sha256_file
+from shards.storage import sha256_file
 
 from preprocess.geometry import ImageError, clip_box, reduction_for, square_window
 from preprocess.sources.base import RawSample, Shape, Skip, Source, SourceError, WorkItem

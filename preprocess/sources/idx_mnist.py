@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.format import sha256_file
+from shards.storage import sha256_file
 
 from preprocess.sources.base import RawSample, Skip, Source, SourceError, WorkItem
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.format import sha256_file
+from shards.storage import sha256_file
 
 from preprocess.geometry import ImageError, resolves_inside
 from preprocess.sources.base import PATH_OUTSIDE_ROOT, RawSample, Shape, Skip, Source, SourceError, WorkItem

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.format import sha256_file
+from shards.storage import sha256_file
 
 from preprocess.geometry import ImageError, clip_box, square_window
 from preprocess.sources.base import RawSample, Shape, Skip, Source, SourceError, WorkItem, path_problem

@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shards.format import sha256_file
+from shards.storage import sha256_file
 
 from preprocess.geometry import ImageError, clip_box, reduce_if_large, resolves_inside, square_window
 from preprocess.sources.base import RawSample, Shape, Skip, Source, SourceError, WorkItem

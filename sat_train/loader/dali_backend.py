@@ -30,11 +30,11 @@ import weakref
 import numpy as np
 import torch
 
-from shards.format import LABEL_EXT, SALIENCY_EXT
+from shards.format import LABEL_EXT, SALIENCY_EXT, ShardFormatError
+from shards.reading import DECODERS, index_key
 
 from . import Loader
 from .plan import LoaderError
-from .safety import sample_key
 
 SMALL_IMAGE_PIXELS = 64 * 64  # "auto": decode images up to this size on the CPU threads
 MAX_OPEN_TARS = 16  # file descriptors the source keeps (a set may have thousands of shards)
@@ -55,7 +55,7 @@ class _PlanSource:
     def __init__(self, loader: "DaliLoader"):
         self.tars = [str(p) for p in loader.manifest.tar_paths()]
         self.entries = loader.shard_set.entries
-        image = loader.manifest.image
+        image = self.image = loader.manifest.image
         self.fmt = image["format"]
         self.raw_bytes = image.get("height", 0) * image.get("width", 0) * image["channels"]
         self.batch_size = loader.batch_size
@@ -90,7 +90,7 @@ class _PlanSource:
                 comp = {ext: (off, size) for ext, off, size, _ in sample}
                 start = min(off for off, _ in comp.values())
                 end = max(off + size for off, size in comp.values())
-                key = sample_key(sample[0][3])
+                key = index_key(sample)
                 (io, isz), (so, ssz), (lo, lsz) = (comp[e] for e in (self.fmt, SALIENCY_EXT, LABEL_EXT))
                 if lsz != 8 or (self.fmt == "raw" and isz != self.raw_bytes):
                     what = f"label has {lsz} bytes, not 8" if lsz != 8 else \
@@ -141,9 +141,8 @@ class _PlanSource:
     def find_undecodable(self, batches) -> str | None:
         """'TAR: sample KEY: COMPONENT does not decode' for the first sample of `batches` that OpenCV cannot
         decode to the manifest's shape. DALI's decode errors name no sample (nvImageCodec's '#4' is a
-        status code), so after one the batches DALI held are decoded again here to find the culprit."""
-        import cv2
-
+        status code), so after one the batches DALI held are decoded again here (shards.reading's
+        decoders) to find the culprit."""
         for batch in batches:
             for shard, ordinal in batch:
                 start, length, io, isz, so, ssz, _lo, key = self._where(shard)[ordinal]
@@ -152,7 +151,9 @@ class _PlanSource:
                 if self.fmt != "raw":
                     parts.insert(0, (self.fmt, data[io:io + isz]))
                 for ext, blob in parts:
-                    if cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_UNCHANGED) is None:
+                    try:
+                        DECODERS[ext](blob, self.image, key)
+                    except ShardFormatError:
                         return f"{self.tars[shard]}: sample {key!r}: {ext} does not decode"
         return None
 

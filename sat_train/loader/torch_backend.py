@@ -2,9 +2,10 @@
 
 The epoch plan (plan.py) is cut into batches and batch b goes to worker b % num_workers; DataLoader
 collects worker outputs round-robin, so batches arrive in exactly the plan's order -- the same order
-the DALI backend reads. Each worker streams each tar it needs once (webdataset's
-`tar_file_iterator`/`group_by_keys`, only the image, saliency and label members are read), decodes
-with cv2 (one thread per worker: the workers are the parallelism), applies the shared crop/flip
+the DALI backend reads. Each worker streams each tar it needs once (shards.reading.iter_tar_samples:
+only the image, saliency and label members are read; a tar may be a local file or a URL, read as
+one stream through fsspec), decodes with shards.reading's decoders (cv2, one thread per worker:
+the workers are the parallelism), applies the shared crop/flip
 (augment.py, draws seeded by (seed, epoch, rank, worker)) and ships whole uint8 batches. This is
 the benchmark baseline, so it is built to be fast: uint8 across processes, one decode per sample,
 no per-sample IPC.
@@ -12,21 +13,18 @@ no per-sample IPC.
 from __future__ import annotations
 
 import functools
-import tarfile
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.format import LABEL_EXT, SALIENCY_EXT, decode_label
+from shards.format import LABEL_EXT, SALIENCY_EXT, ShardFormatError, decode_label
+from shards.reading import decode_image, decode_saliency, index_key, iter_tar_samples
 
 from . import Loader
 from .augment import crop_flip, draw, uint8_to_float
 from .plan import LoaderError, stripe_batches
-from .safety import sample_key
-
-READ_COLOR = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 decodes straight to RGB
 
 
 class _PlanDataset(IterableDataset):
@@ -34,10 +32,11 @@ class _PlanDataset(IterableDataset):
 
     def __init__(self, loader: "TorchLoader", parts, epoch: int):
         self.parts, self.epoch = parts, epoch
-        self.tars = [str(p) for p in loader.manifest.tar_paths()]
+        self.tars = loader.manifest.tar_paths()  # Paths, or UPaths of a remote set (picklable for workers)
         self.keys = loader.keys
-        image = loader.manifest.image
+        image = self.image = loader.manifest.image
         self.fmt, self.shape = image["format"], (image["height"], image["width"], image["channels"])
+        self.num_classes = loader.manifest.num_classes
         self.batch_size = loader.batch_size
         self.augment, self.padding, self.flip = loader.augment, loader.crop_padding, loader.flip
         self.seed, self.rank = loader.seed, loader.layout.rank
@@ -63,32 +62,26 @@ class _PlanDataset(IterableDataset):
 
     def _read_samples(self, shard: int, ordinals: list[int]) -> list[tuple[str, dict]]:
         """The listed samples of one tar, in the listed order; stops reading once all are found."""
-        from webdataset.tariterators import group_by_keys, tar_file_iterator
-
         tar = self.tars[shard]
         want = {self.keys[shard][o]: i for i, o in enumerate(ordinals)}
         found: list = [None] * len(want)
         exts = (self.fmt, SALIENCY_EXT, LABEL_EXT)
         left = len(want)
         try:
-            with open(tar, "rb") as f:
-                members = tar_file_iterator(f, select_files=lambda n: n.split(".", 1)[0] in want
-                                            and n.split(".", 1)[-1] in exts)
-                members = ({**m, "__url__": tar} for m in members)  # group_by_keys records each sample's url
-                for sample in group_by_keys(members):
-                    i = want.get(sample["__key__"])
-                    if i is None or found[i] is not None:
-                        continue
-                    lacking = [e for e in exts if e not in sample]
-                    if lacking:  # the index has them (checked at open), so the tar is damaged
-                        raise LoaderError(f"{tar}: sample {sample['__key__']!r} lacks {', '.join(lacking)} in the "
-                                          f"tar (damaged after the check at start? preprocess verify names every problem)")
-                    found[i] = (sample["__key__"], sample)
-                    left -= 1
-                    if left == 0:
-                        break
-        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            raise LoaderError(f"{tar}: damaged tar ({e})") from None
+            for sample in iter_tar_samples(tar, exts=exts, keys=want):  # streamed: local file or URL
+                i = want.get(sample["__key__"])
+                if i is None or found[i] is not None:
+                    continue
+                lacking = [e for e in exts if e not in sample]
+                if lacking:  # the index has them (checked at open), so the tar is damaged
+                    raise LoaderError(f"{tar}: sample {sample['__key__']!r} lacks {', '.join(lacking)} in the "
+                                      f"tar (damaged after the check at start? preprocess verify names every problem)")
+                found[i] = (sample["__key__"], sample)
+                left -= 1
+                if left == 0:
+                    break
+        except ShardFormatError as e:
+            raise LoaderError(str(e)) from None
         if left:
             missing = next(k for k, i in want.items() if found[i] is None)
             raise LoaderError(f"{tar}: sample {missing!r} from the index is not in the tar (replaced after the check at "
@@ -100,10 +93,16 @@ class _PlanDataset(IterableDataset):
         x = np.empty((n, h, w, c), np.uint8)
         s = np.empty((n, h, w, 1), np.uint8)
         y = np.empty(n, np.int64)
-        for i, (key, sample) in enumerate(chunk):
-            x[i] = self._image(sample.get(self.fmt), key)
-            s[i, ..., 0] = self._grey(sample.get(SALIENCY_EXT), key, SALIENCY_EXT, (h, w))
-            y[i] = decode_label(sample[LABEL_EXT])
+        try:
+            for i, (key, sample) in enumerate(chunk):
+                x[i] = decode_image(sample.get(self.fmt), self.image, key)
+                s[i, ..., 0] = decode_saliency(sample.get(SALIENCY_EXT), self.image, key)
+                y[i] = decode_label(sample[LABEL_EXT])
+        except ShardFormatError as e:
+            raise LoaderError(str(e)) from None
+        bad = np.flatnonzero((y < 0) | (y >= self.num_classes))
+        if len(bad):  # checked at open for local sets; remote sets opened with --verify-shards size reach here
+            raise LoaderError(f"sample {chunk[bad[0]][0]!r} has label {int(y[bad[0]])}, outside 0..{self.num_classes - 1}")
         if self.augment:
             dy, dx, mirror = draw(rng, n, self.padding, self.flip)
             x, s = crop_flip(x, dy, dx, mirror, self.padding), crop_flip(s, dy, dx, mirror, self.padding)
@@ -112,27 +111,6 @@ class _PlanDataset(IterableDataset):
             x, s = uint8_to_float(x, saliency=False), uint8_to_float(s, saliency=True)
         return torch.from_numpy(x), torch.from_numpy(s), torch.from_numpy(y), [k for k, _ in chunk]
 
-    def _image(self, data: bytes, key: str) -> np.ndarray:
-        h, w, c = self.shape
-        if self.fmt == "raw":
-            if len(data) != h * w * c:
-                raise LoaderError(f"sample {key!r}: raw image has {len(data)} bytes, manifest shape {h}x{w}x{c} needs {h * w * c}")
-            return np.frombuffer(data, np.uint8).reshape(h, w, c)
-        if c == 1:
-            return self._grey(data, key, self.fmt, (h, w))[..., None]
-        buf = np.frombuffer(data, np.uint8)
-        img = cv2.imdecode(buf, READ_COLOR) if READ_COLOR is not None else cv2.imdecode(buf, cv2.IMREAD_COLOR)
-        if img is None or img.shape != (h, w, 3):
-            raise LoaderError(f"sample {key!r}: {self.fmt} image does not decode to {h}x{w}x3")
-        return img if READ_COLOR is not None else img[..., ::-1]
-
-    @staticmethod
-    def _grey(data: bytes, key: str, ext: str, hw) -> np.ndarray:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-        if img is None or img.shape != tuple(hw):
-            raise LoaderError(f"sample {key!r}: {ext} does not decode to a {hw[0]}x{hw[1]} grey image")
-        return img
-
 
 class TorchLoader(Loader):
     backend = "torch"
@@ -140,7 +118,7 @@ class TorchLoader(Loader):
     @functools.cached_property
     def keys(self) -> list[list[str]]:
         """Sample keys per shard, in tar order (from the index: what to pick while streaming a tar)."""
-        return [[sample_key(e[0][3]) for e in shard] for shard in self.shard_set.entries]
+        return [[index_key(e) for e in shard] for shard in self.shard_set.entries]
 
     def _batches(self, plan, epoch):
         parts = stripe_batches(plan, self.batch_size, self.num_workers)

@@ -249,7 +249,9 @@ def build_and_read(out: Path, *argv: str) -> tuple[dict, list[dict]]:
     import json
 
     from preprocess.cli import main
-    from shards.format import decode_label, iter_tar_samples, read_manifest
+    from shards.format import decode_label
+    from shards.manifest import read_manifest
+    from shards.reading import iter_tar_samples
 
     rc = main(["build-shards", *argv, "--out", str(out), "--no-progress"])
     assert rc == 0, f"build-shards exited {rc}"

@@ -19,7 +19,8 @@ import dataset_fixtures as fx  # noqa: E402
 from coco_fixture import make_coco, write_json  # noqa: E402
 
 from preprocess.build_cli import main as build_main  # noqa: E402
-from shards.format import iter_tar_samples, read_manifest  # noqa: E402
+from shards.manifest import read_manifest  # noqa: E402
+from shards.reading import iter_tar_samples  # noqa: E402
 
 
 @pytest.fixture

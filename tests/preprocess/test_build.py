@@ -16,7 +16,9 @@ from coco_fixture import COLOURS, CATEGORIES, make_coco  # noqa: E402
 from preprocess.build import build  # noqa: E402
 from preprocess.config import BuildConfig  # noqa: E402
 from preprocess.plan import BuildError  # noqa: E402
-from shards.format import check_shard_files, decode_label, iter_tar_samples, read_manifest  # noqa: E402
+from shards.format import PROVENANCE_NAME, decode_label  # noqa: E402
+from shards.manifest import check_shard_files, read_manifest  # noqa: E402
+from shards.reading import iter_tar_samples  # noqa: E402
 
 
 def cfg_for(root: Path, out: Path, **kw) -> BuildConfig:
@@ -27,7 +29,7 @@ def cfg_for(root: Path, out: Path, **kw) -> BuildConfig:
 
 
 def files_of(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != PROVENANCE_NAME}
 
 
 @pytest.fixture(scope="module")

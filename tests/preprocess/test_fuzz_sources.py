@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import dataset_fixtures as fx  # noqa: E402
 
 from preprocess.build_cli import main as build_main  # noqa: E402
-from shards.format import read_manifest  # noqa: E402
+from shards.manifest import read_manifest  # noqa: E402
 
 FUZZ = settings(max_examples=int(os.environ.get("SATPIPE_FUZZ_EXAMPLES", "25")), deadline=None, database=None,
                 derandomize=not os.environ.get("SATPIPE_FUZZ_RANDOM"),

@@ -18,6 +18,7 @@ from coco_fixture import make_coco  # noqa: E402
 
 from preprocess.build import build, run  # noqa: E402
 from preprocess.config import BuildConfig  # noqa: E402
+from shards.format import PROVENANCE_NAME  # noqa: E402
 
 ray = pytest.importorskip("ray")
 
@@ -94,7 +95,7 @@ def coco_cfg(root: Path, out: Path, **kw) -> BuildConfig:
 
 
 def outputs(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != PROVENANCE_NAME}
 
 
 @pytest.fixture(scope="module")

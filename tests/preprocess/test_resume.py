@@ -14,6 +14,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from coco_fixture import make_coco  # noqa: E402
 
+from shards.format import PROVENANCE_NAME  # noqa: E402
+
 
 def cli(*args) -> list[str]:
     return [sys.executable, "-m", "preprocess", *map(str, args)]
@@ -25,8 +27,9 @@ def build_args(root: Path, out: Path, *extra) -> list[str]:
 
 
 def outputs(out: Path) -> dict[str, bytes]:
-    """The files a user gets: tars, indexes, manifest (the .build state folder is not compared)."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    """The files a user gets: tars, indexes, manifest (the .build state folder is not compared, nor
+    provenance.json: which software wrote the set, e.g. a commit landing between two builds)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != PROVENANCE_NAME}
 
 
 @pytest.fixture(scope="module")

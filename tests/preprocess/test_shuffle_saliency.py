@@ -7,7 +7,9 @@ import pytest
 
 from preprocess.cli import main as preprocess_main
 from preprocess.shuffle_saliency import derangement
-from shards.format import MANIFEST_NAME, SALIENCY_EXT, iter_tar_samples, read_manifest
+from shards.format import MANIFEST_NAME, SALIENCY_EXT
+from shards.manifest import read_manifest
+from shards.reading import iter_tar_samples
 
 
 def _by_key(root):

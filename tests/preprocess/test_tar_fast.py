@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from preprocess.tar_fast import FastShardWriter
-from shards.format import MAX_KEY_LEN, ShardWriter, iter_tar_samples, read_dali_index
+from shards.format import MAX_KEY_LEN
+from shards.reading import iter_tar_samples, read_dali_index
+from shards.writer import ShardWriter
 
 
 def _samples():

@@ -16,7 +16,8 @@ from preprocess.build import build  # noqa: E402
 from preprocess.config import BuildConfig  # noqa: E402
 from preprocess.info import main as info_main  # noqa: E402
 from preprocess.verify import main as verify_main  # noqa: E402
-from shards.format import ShardWriter, sha256_file  # noqa: E402
+from shards.storage import sha256_file  # noqa: E402
+from shards.writer import ShardWriter  # noqa: E402
 
 
 @pytest.fixture

@@ -257,7 +257,9 @@ def fashion_teacher(tmp_path_factory):
 
     from preprocess.cli import main as preprocess_main
     from shards.derive import decode_images
-    from shards.format import decode_label, iter_tar_samples, read_manifest
+    from shards.format import decode_label
+    from shards.manifest import read_manifest
+    from shards.reading import iter_tar_samples
 
     if not os.path.isdir(FASHION_MNIST):
         pytest.skip(f"{FASHION_MNIST} missing (Debian package dataset-fashion-mnist)")

@@ -18,7 +18,11 @@ from sat_train.evaluate import main as eval_main
 from sat_train.fit import main as fit_main
 from sat_train.loader import make_loader
 from sat_train.models import build_model, model_spec
-from shards.format import ShardWriter, encode_label, iter_tar_samples, read_dali_index, read_manifest, sha256_file
+from shards.format import encode_label
+from shards.manifest import read_manifest
+from shards.reading import iter_tar_samples, read_dali_index
+from shards.storage import sha256_file
+from shards.writer import ShardWriter
 
 
 def _reseal(root, tar_name):

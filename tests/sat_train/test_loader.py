@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from sat_train.loader import make_loader
-from shards.format import decode_label, iter_tar_samples, read_manifest
+from shards.format import decode_label
+from shards.manifest import read_manifest
+from shards.reading import iter_tar_samples
 
 BACKENDS = ["dali", "torch", "device"]
 

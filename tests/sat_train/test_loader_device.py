@@ -9,7 +9,8 @@ from sat_train.fit import main
 from sat_train.loader import LoaderError, make_loader
 from sat_train.loader.augment import crop_flip, crop_flip_gather, to_model_inputs
 from sat_train.loader.plan import epoch_plan
-from shards.format import read_dali_index, read_manifest
+from shards.manifest import read_manifest
+from shards.reading import read_dali_index
 
 
 def batches(loader, epoch):

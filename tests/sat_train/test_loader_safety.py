@@ -8,7 +8,8 @@ import textwrap
 import pytest
 
 from sat_train.loader import LoaderError, make_loader
-from shards.format import read_dali_index, read_manifest
+from shards.manifest import read_manifest
+from shards.reading import read_dali_index
 
 BACKENDS = ["dali", "torch"]
 

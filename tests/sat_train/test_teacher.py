@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from shards.derive import decode_images, decode_saliency
-from shards.format import MANIFEST_NAME, SALIENCY_EXT, decode_label, iter_tar_samples, read_manifest, sha256_file
+from shards.format import MANIFEST_NAME, SALIENCY_EXT, decode_label
+from shards.manifest import read_manifest
+from shards.reading import iter_tar_samples
+from shards.storage import sha256_file
 from sat_train import teacher as teacher_cli
 from sat_train.checkpoint import save_checkpoint
 from sat_train.explain import ExplainConfig, explain

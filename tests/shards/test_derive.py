@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from shards.derive import Batch, Derivation, DeriveError, decode_saliency, derive, encode_saliency
-from shards.format import MANIFEST_NAME, SALIENCY_EXT, check_shard_files, iter_tar_samples, read_manifest
+from shards.format import MANIFEST_NAME, SALIENCY_EXT
+from shards.manifest import check_shard_files, read_manifest
+from shards.reading import iter_tar_samples
 
 
 def inverted(batch: Batch) -> list[dict]:

@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 
-from shards.format import (ShardFormatError, check_shard_files, decode_label, encode_label, iter_tar_samples,
-                           read_dali_index, read_manifest, sanitize_key, saliency_to_uint8, uint8_to_saliency)
+from shards.format import (ShardFormatError, decode_label, encode_label, saliency_to_uint8, sanitize_key,
+                           uint8_to_saliency)
+from shards.manifest import check_shard_files, read_manifest
+from shards.reading import iter_tar_samples, read_dali_index
 
 
 def test_tiny_shard_set_roundtrip(tiny_shards):

@@ -3,24 +3,19 @@
     from sat_train.explain import ExplainConfig, explain
     maps = explain(model, x, labels, ExplainConfig(explainer="gradcam++"), keys)   # (N, H, W) float32
 
-Explainers (the reference code is SAT_ECML2020's gradcam.py; "a" is the attribution before normalization):
-
-| explainer              | a                                                            | default normalization |
-|------------------------|--------------------------------------------------------------|-----------------------|
-| grad-sign              | d logit_t / dx (plain gradient): what the reference's          | sign                  |
-|                        | "GuidedBackprop" computes, since it rewires nn.ReLU modules only |                       |
-|                        | and its networks call F.relu                                   |                       |
-| guided-backprop        | the same gradient with the guided ReLU rule (backward passes     | sign                  |
-|                        | relu(grad) where the input was > 0) at EVERY ReLU: nn.ReLU,     |                       |
-|                        | F.relu, torch.relu, Tensor.relu (and their in-place forms)     |                       |
-| smoothgrad             | mean over n of d logit_t / dx at x + N(0, (sigma (max x - min x))^2), | minmax          |
-|                        | n = 10, sigma = 0.15 (the reference's per-image value range)    |                       |
-| integrated-gradients   | captum IntegratedGradients, zero baseline, trapezoid rule over   | minmax                |
-|                        | 100 intervals (the reference's 101 points)                      |                       |
-| gradcam                | captum LayerGradCam on the last block, ReLU, bilinear upsampling | minmax                |
-| gradcam++              | Grad-CAM++ (Chattopadhay et al. 2018) on the last block, ReLU,  | minmax                |
-|                        | bilinear upsampling                                             |                       |
-| guided-gradcam++       | guided-backprop gradient x upsampled Grad-CAM++                  | symmetric             |
+Explainers (reference: SAT_ECML2020's gradcam.py), with each one's default normalization:
+- grad-sign (sign): d logit_t / dx, the plain gradient. What the reference's "GuidedBackprop" computes:
+  it rewires nn.ReLU modules only, and its networks call F.relu.
+- guided-backprop (sign): the same gradient with the guided ReLU rule (backward passes relu(grad) where
+  the input was > 0) at EVERY ReLU: nn.ReLU, F.relu, torch.relu, Tensor.relu and their in-place forms.
+- smoothgrad (minmax): mean of d logit_t / dx over n = 10 copies x + N(0, (0.15 (max x - min x))^2)
+  (the reference's noise: 0.15 of each image's value range).
+- integrated-gradients (minmax): captum's, zero baseline, trapezoid rule over 100 intervals (the
+  reference's 101 points; captum scales its trapezoid weights by 100/101, which normalization removes).
+- gradcam (minmax): captum's LayerGradCam on the last block, ReLU, bilinear upsampling to the image.
+- gradcam++ (minmax): Grad-CAM++ (Chattopadhay et al. 2018) on the last block, ReLU, bilinear upsampling.
+- guided-gradcam++ (symmetric): guided-backprop gradient x upsampled Grad-CAM++.
+`deletion_check` measures faithfulness (tests and bench/teacher.py).
 
 Conventions:
 - target: the true label (default) or the prediction (`target="pred"`, what the reference uses).

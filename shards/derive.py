@@ -26,6 +26,7 @@ Layout and guarantees (as build-shards, but without depending on preprocess/):
   (path, fingerprint, manifest sha256, saliency, counts, its own `derived_from` if any), the
   derivation (name + params) and the derived digest. `fingerprint` = {"digest", "input_digest",
   "derivation"}: `sat-train fit --resume` compares it, so a run never continues on another set.
+- `workers > 1` derives whole shards in spawned processes; a shard's bytes do not depend on the process.
 - The digest covers the input's exact bytes (its shard sha256s) and the derivation's name and params,
   not paths, batch size or device (those go to `derived_from.execution`).
 """

@@ -92,7 +92,8 @@ def load_images(shards: Path, device):
 def maps_per_second(args, device, shards, run, model, x, y, keys, explainer, out: Path) -> dict:
     cfg = ExplainConfig(explainer=explainer)
     n, b = len(x), args.batch_size
-    single = min(n, args.single_images if explainer not in ("smoothgrad", "integrated-gradients") else args.single_images // 8)
+    expensive = explainer in ("smoothgrad", "integrated-gradients")  # many passes per image
+    single = min(n, args.single_images // 8 if expensive else args.single_images)
 
     def command():
         teacher_saliency(shards, run, out, cfg, batch_size=b, device=str(device.type), overwrite=True, progress=False,
@@ -248,7 +249,8 @@ def main(argv=None) -> int:
     xt, yt, kt = load_images(test, device)
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).float().mean())
-    faith = {e: deletion_check(model, xt, yt, explain(model, xt, yt, ExplainConfig(explainer=e), kt)) for e in args.explainers}
+    faith = {e: deletion_check(model, xt, yt, explain(model, xt, yt, ExplainConfig(explainer=e), kt))
+             for e in args.explainers}
 
     where = f"{platform.machine()} {device.type}, {args.threads} torch thread(s)"
     lines = [f"Teacher: cnn4, `sat-train fit --method standard` ({ckpt.get('epoch')} epochs on {args.images} Fashion-MNIST "
@@ -266,7 +268,8 @@ def main(argv=None) -> int:
               f"| online, one image per forward/backward (reference) | {sat['online']:.1f} | "
               f"{sat['online'] / sat['stored']:.2f}x |",
               *([] if par is None else [
-                  "", f"CPU parallelism, grad-sign on {args.images} random 28 px images, cnn4, batch 256 (compute only):", "",
+                  "", f"CPU parallelism, grad-sign on {args.images} random 28 px images, cnn4, batch 256 "
+                  "(compute only):", "",
                   "| layout | maps/s | vs threads |", "|---|---:|---:|",
                   f"| 1 process x {par['cores']} torch threads | {par['threads']:,.0f} | 1.00x |",
                   f"| {par['cores']} processes x 1 thread (a --workers option) | {par['processes']:,.0f} | "

@@ -42,9 +42,12 @@ from typing import Callable
 
 import numpy as np
 
-from shards.format import (FORMAT_NAME, MANIFEST_NAME, SALIENCY_EXT, Manifest, ShardFormatError, ShardWriter,
-                           atomic_write_json, check_shard_files, iter_tar_samples, read_manifest, saliency_to_uint8,
-                           sha256_file, uint8_to_saliency)
+from shards.format import FORMAT_NAME, MANIFEST_NAME, SALIENCY_EXT, ShardFormatError, saliency_to_uint8, uint8_to_saliency
+from shards.manifest import Manifest, check_shard_files, read_manifest
+from shards.provenance import satpipe_version, write_provenance
+from shards.reading import decode_image, iter_tar_samples
+from shards.storage import atomic_write_json, sha256_file
+from shards.writer import ShardWriter
 
 STATE_DIR = ".derive"
 REPLACEABLE = (SALIENCY_EXT, "json")  # what a derivation may change; images, labels and keys never
@@ -86,27 +89,13 @@ MakeMaps = Callable[[Batch], list[dict]]
 # ----------------------------------------------------------------------------- sample helpers
 
 def decode_images(samples: list[dict], image: dict, where: str = "") -> np.ndarray:
-    """uint8 (N, H, W, C) RGB pixels of the samples' images, as the loader sees them."""
-    import cv2
-
-    fmt, h, w, c = image["format"], image["height"], image["width"], image["channels"]
-    out = np.empty((len(samples), h, w, c), np.uint8)
-    color = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
+    """uint8 (N, H, W, C) pixels (RGB) of the samples' images, as the loaders see them (shards.reading)."""
+    out = np.empty((len(samples), image["height"], image["width"], image["channels"]), np.uint8)
     for i, s in enumerate(samples):
-        data = s.get(fmt)
-        if data is None:
-            raise DeriveError(f"{where}: sample {s['__key__']!r} has no .{fmt} image")
-        if fmt == "raw":
-            if len(data) != h * w * c:
-                raise DeriveError(f"{where}: sample {s['__key__']!r}: raw image of {len(data)} bytes, expected {h * w * c}")
-            out[i] = np.frombuffer(data, np.uint8).reshape(h, w, c)
-            continue
-        pix = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if c == 1 else color)
-        if pix is None or pix.shape[:2] != (h, w):
-            raise DeriveError(f"{where}: sample {s['__key__']!r}: .{fmt} does not decode to {w}x{h}")
-        if c == 3 and color == cv2.IMREAD_COLOR:  # OpenCV < 4.10 decodes to BGR
-            pix = pix[..., ::-1]
-        out[i] = pix.reshape(h, w, c)
+        try:
+            out[i] = decode_image(s.get(image["format"]), image, s.get("__key__", "?"))
+        except ShardFormatError as e:
+            raise DeriveError(f"{where}: {e}") from None
     return out
 
 
@@ -126,13 +115,13 @@ def encode_saliency(maps) -> list[bytes]:
     return out
 
 
-def decode_saliency(data: bytes) -> np.ndarray:
-    """float32 (H, W) map in [-1, 1] of one `sal.png`."""
+def saliency_png_to_float(data: bytes) -> np.ndarray:
+    """float32 (H, W) map in [-1, 1] of one `sal.png` (any size)."""
     import cv2
 
-    grey = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if grey is None:
-        raise DeriveError("a sal.png does not decode")
+    grey = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if grey is None or grey.ndim != 2 or grey.dtype != np.uint8:
+        raise DeriveError("a sal.png does not decode to an 8-bit grey map")
     return uint8_to_saliency(grey)
 
 
@@ -306,6 +295,7 @@ def derive(in_dir, out_dir, derivation: Derivation, make_maps: MakeMaps | None, 
     finally:
         bar.close()
     result = output_manifest(manifest, derivation, header, [infos[n] for n in range(len(infos))])
+    write_provenance(out)  # which software made the set; beside the manifest, not part of its identity
     atomic_write_json(out / MANIFEST_NAME, result)
     log(f"{out}: {result['counts']['written']} samples in {len(result['shards'])} shards "
         f"({derivation.name}, fingerprint {result['fingerprint']['digest']})")
@@ -341,15 +331,6 @@ def run_command(prog: str, out, job: Callable[[], object], user_errors: tuple = 
     return 0
 
 
-def _satpipe_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("satpipe")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def output_manifest(manifest: Manifest, derivation: Derivation, header: dict, infos: list[dict]) -> dict:
     raw = manifest.raw
     written = sum(i["samples"] for i in infos)
@@ -366,7 +347,7 @@ def output_manifest(manifest: Manifest, derivation: Derivation, header: dict, in
         derived_from["derived_from"] = raw["derived_from"]
     return {
         **raw,
-        "satpipe_version": _satpipe_version(),
+        "satpipe_version": satpipe_version(),
         "saliency": {"encoding": SALIENCY_ENCODING, **derivation.saliency},
         "fingerprint": {"digest": header["plan"], "input_digest": manifest.fingerprint.get("digest"),
                         "derivation": derivation.name},

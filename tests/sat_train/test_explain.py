@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shards.derive import decode_saliency, encode_saliency
-from sat_train.explain import (EXPLAINERS, RANGES, ExplainConfig, ExplainError, GuidedReLUMode, attribute, deletion_check, explain,
-                               find_cam_layer, gradcam_pp_from, input_gradient, normalize)
+from shards.derive import encode_saliency, saliency_png_to_float
+from sat_train.explain import (EXPLAINERS, RANGES, ExplainConfig, ExplainError, GuidedReLUMode, attribute,
+                               deletion_check, explain, find_cam_layer, gradcam_pp_from, input_gradient, normalize)
 from sat_train.models import BasicBlock, Classifier, ResNet, build_model
 
 FAST = dict(ig_steps=8, smoothgrad_samples=3)  # fewer steps: the properties tested hold for any count
@@ -205,7 +205,7 @@ def test_normalized_maps_survive_the_8bit_encoding_within_half_a_step(how):
     lo, hi = RANGES[how]
     assert s.min() >= lo and s.max() <= hi
     assert np.all(s[3] == 0)  # a constant map is 0 in every normalization
-    back = np.stack([decode_saliency(p) for p in encode_saliency(s)])
+    back = np.stack([saliency_png_to_float(p) for p in encode_saliency(s)])
     assert np.abs(back - s).max() <= 1 / 255 + 1e-6  # half a step of 2/255
     if how == "sign":
         grey = np.rint((back + 1) * 127.5)
@@ -295,7 +295,7 @@ def test_faithfulness_on_real_fashion_mnist(fashion_teacher, explainer):
     marks the silhouette, background included, where "set to background" changes nothing. For those two
     the test checks the structure-matched control instead: the CAM mask beats the same mask misplaced."""
     model, x, y = fashion_teacher
-    cfg = ExplainConfig(explainer=explainer, ig_steps=8, smoothgrad_samples=5)  # fewer steps than the defaults: cheaper, same property
+    cfg = ExplainConfig(explainer=explainer, ig_steps=8, smoothgrad_samples=5)  # cheaper than the defaults
     maps = explain(model, x, y, cfg, keys=[str(i) for i in range(len(x))])
     drop = deletion_check(model, x, y, maps)
     print(f"{explainer}: true-class probability drop, 20% most salient {drop['salient']:.3f}, 20% random "

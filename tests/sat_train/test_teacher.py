@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from shards.derive import decode_images, decode_saliency
+from shards.derive import decode_images, saliency_png_to_float
 from shards.format import MANIFEST_NAME, SALIENCY_EXT, decode_label
 from shards.manifest import read_manifest
 from shards.reading import iter_tar_samples
@@ -58,7 +58,7 @@ def test_teacher_set_verifies_keeps_images_and_records_teacher_and_explainer(tin
         x = torch.from_numpy(decode_images(before, m_in.image)).permute(0, 3, 1, 2).float() / 255
         y = torch.tensor([decode_label(s["label.i64"]) for s in before])
         want = explain(model, x, y, ExplainConfig(explainer="gradcam++", target="pred"))
-        got = np.stack([decode_saliency(s[SALIENCY_EXT]) for s in after])
+        got = np.stack([saliency_png_to_float(s[SALIENCY_EXT]) for s in after])
         assert np.abs(got - want).max() <= 1 / 255 + 1e-5
     sal = m_out.raw["saliency"]
     assert sal["kind"] == "teacher" and sal["explainer"] == "gradcam++" and sal["range"] == [0.0, 1.0]
@@ -74,7 +74,8 @@ def test_teacher_set_verifies_keeps_images_and_records_teacher_and_explainer(tin
 def test_interrupted_command_resumes_to_identical_bytes(tiny, tmp_path, monkeypatch, capsys):
     src, run = tiny
     whole, out = tmp_path / "whole", tmp_path / "out"
-    assert _run(src, "--teacher", run, "--out", whole, "--explainer", "smoothgrad", "--smoothgrad-samples", "3", "--batch-size", "6") == 0
+    flags = ("--explainer", "smoothgrad", "--smoothgrad-samples", "3", "--batch-size", "6")
+    assert _run(src, "--teacher", run, "--out", whole, *flags) == 0
     real = teacher_cli.make_maps_fn
 
     def dies_in_second_shard(*args):
@@ -87,11 +88,11 @@ def test_interrupted_command_resumes_to_identical_bytes(tiny, tmp_path, monkeypa
         return wrapped
 
     monkeypatch.setattr(teacher_cli, "make_maps_fn", dies_in_second_shard)
-    assert _run(src, "--teacher", run, "--out", out, "--explainer", "smoothgrad", "--smoothgrad-samples", "3", "--batch-size", "6") == 130
+    assert _run(src, "--teacher", run, "--out", out, *flags) == 130
     assert "rerun the same command" in capsys.readouterr().err
     assert not (out / MANIFEST_NAME).exists() and (out / "train-000000.tar").exists()
     monkeypatch.setattr(teacher_cli, "make_maps_fn", real)
-    assert _run(src, "--teacher", run, "--out", out, "--explainer", "smoothgrad", "--smoothgrad-samples", "3", "--batch-size", "6") == 0
+    assert _run(src, "--teacher", run, "--out", out, *flags) == 0
     assert _files(out) == _files(whole)
     # another explainer into the same folder is refused, not mixed in
     assert _run(src, "--teacher", run, "--out", out, "--explainer", "grad-sign") == 2

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from shards.derive import Batch, Derivation, DeriveError, decode_saliency, derive, encode_saliency
+from shards.derive import Batch, Derivation, DeriveError, derive, encode_saliency, saliency_png_to_float
 from shards.format import MANIFEST_NAME, SALIENCY_EXT
 from shards.manifest import check_shard_files, read_manifest
 from shards.reading import iter_tar_samples
@@ -12,8 +12,8 @@ from shards.reading import iter_tar_samples
 
 def inverted(batch: Batch) -> list[dict]:
     """A deterministic derivation: each map negated (foreground <-> background)."""
-    return [{SALIENCY_EXT: p} for p in encode_saliency(np.stack([-decode_saliency(s[SALIENCY_EXT])
-                                                                for s in batch.samples]))]
+    maps = np.stack([-saliency_png_to_float(s[SALIENCY_EXT]) for s in batch.samples])
+    return [{SALIENCY_EXT: p} for p in encode_saliency(maps)]
 
 
 DERIVATION = Derivation("invert", {"how": "negate"}, {"kind": "inverted"}, execution={"batch_size": 5})
@@ -38,7 +38,8 @@ def test_derived_set_copies_everything_but_the_maps(tiny_shards, tmp_path):
     assert [s["__key__"] for s in before] == [s["__key__"] for s in after]  # same samples, same order
     for a, b in zip(before, after):
         assert {k: v for k, v in a.items() if k != SALIENCY_EXT} == {k: v for k, v in b.items() if k != SALIENCY_EXT}
-        np.testing.assert_allclose(decode_saliency(b[SALIENCY_EXT]), -decode_saliency(a[SALIENCY_EXT]), atol=1 / 255 + 1e-6)
+        np.testing.assert_allclose(saliency_png_to_float(b[SALIENCY_EXT]), -saliency_png_to_float(a[SALIENCY_EXT]),
+                                   atol=1 / 255 + 1e-6)
     m_in, m_out = read_manifest(src), read_manifest(out)
     assert [s["tar"] for s in m_in.shards] == [s["tar"] for s in m_out.shards]
     for field in ("classes", "image", "config", "split"):
@@ -137,11 +138,13 @@ def test_output_folder_rules(tiny_shards, tmp_path):
 
 def test_a_derivation_may_only_replace_maps_and_json(tiny_shards, tmp_path):
     src = tiny_shards(num_samples=8, per_shard=8)
-    steals_labels = lambda b: [{SALIENCY_EXT: s[SALIENCY_EXT], "label.i64": s["label.i64"]} for s in b.samples]  # noqa: E731
+    steals_labels = lambda b: [{SALIENCY_EXT: s[SALIENCY_EXT], "label.i64": s["label.i64"]}  # noqa: E731
+                               for s in b.samples]
     with pytest.raises(DeriveError, match="must return sal.png"):
         derive(src, tmp_path / "out", DERIVATION, steals_labels, progress=False, log=lambda m: None)
     assert check_shard_files(read_manifest(src)) == []
     assert not list((tmp_path / "out").glob("*.tar"))  # the aborted shard left no final name behind
-    adds_meta = lambda b: [{SALIENCY_EXT: s[SALIENCY_EXT], "json": json.dumps({"x": 1}).encode()} for s in b.samples]  # noqa: E731
+    meta = json.dumps({"x": 1}).encode()
+    adds_meta = lambda b: [{SALIENCY_EXT: s[SALIENCY_EXT], "json": meta} for s in b.samples]  # noqa: E731
     derive(src, tmp_path / "meta", DERIVATION, adds_meta, progress=False, log=lambda m: None)
     assert all(json.loads(s["json"]) == {"x": 1} for s in _samples(tmp_path / "meta"))

@@ -13,6 +13,7 @@ grid.toml (configs/fashion-mnist-study.toml is a full example; unknown tables an
     seeds = [0, 1]
     eps = ["8/255", 0.1]               # training eps (threat models), "N/255" or a number; default: [fit] eps
     clean_on_all = true                # also clean accuracy on the whole eval set ([eval] limit caps the attacks)
+    autoattack_seeds = [0]             # [eval] autoattack only on runs with these seeds (default: every run)
     subprocess = false                 # true: each fit/eval in its own `python -m sat_train` process
     skip_done = true                   # keep finished work whose config matches (false: redo everything)
 
@@ -63,7 +64,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sat_train.grid import ExperimentError, Grid, PlannedRun, plan  # noqa: F401  (re-exported for callers)
+from sat_train.grid import ExperimentError, Grid, PlannedRun, eps_text, plan  # noqa: F401  (re-exported for callers)
 
 # fit_runtime(): TrainConfig fields that say how a run executes, not what it computes. `shards` is a path: the set is
 # compared by its manifest fingerprint instead. (RESUMABLE_CHANGES minus epochs, which changes the math.)
@@ -246,8 +247,7 @@ def run_eval(grid: Grid, r: PlannedRun, eval_values: dict, out: Path | None, lab
 def print_plan(grid: Grid) -> None:
     print(f"experiment {grid.path}: {len(grid.runs)} runs -> {grid.out}")
     for r in grid.runs:
-        eps = "-" if r.eps is None else f"{r.eps * 255:g}/255"
-        print(f"  {r.name:<36} method={r.method:<8} saliency={r.saliency or '-':<11} eps={eps:<9} seed={r.seed}  "
+        print(f"  {r.name:<36} method={r.method:<8} saliency={r.saliency or '-':<11} eps={eps_text(r.eps):<7} seed={r.seed}  "
               f"shards={r.train_shards}")
     for s in grid.sources.values():
         if s.derived:

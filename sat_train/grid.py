@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TABLES = ("experiment", "sources", "fit", "eval", "runs")
-EXPERIMENT_KEYS = {"out", "train_shards", "eval_shards", "methods", "seeds", "eps", "clean_on_all", "subprocess",
-                   "skip_done"}
+EXPERIMENT_KEYS = {"out", "train_shards", "eval_shards", "methods", "seeds", "eps", "clean_on_all", "autoattack_seeds",
+                   "subprocess", "skip_done"}
 RUN_KEYS = {"method", "methods", "sources", "seeds", "eps", "tag", "fit"}
 DERIVED_KEYS = {"shards", "teacher", "from", "explainer", "args"}
 GRID_OWNS = ("shards", "run", "method", "seed", "resume", "overwrite")  # set per run by the grid
@@ -88,6 +88,14 @@ def parse_eps(value, where: str) -> tuple[float, str]:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
         return float(value), f"{value:g}"
     raise ExperimentError(f"{where}: eps {value!r} is neither \"N/255\" nor a number in (0, 1]")
+
+
+def eps_text(eps: float | None) -> str:
+    """eps as people write it: 8/255, or 0.1 when it is no whole number of 255ths."""
+    if eps is None:
+        return "-"
+    e = eps_255(eps)
+    return f"{e:g}/255" if abs(e - round(e)) < 1e-9 else f"{eps:g}"
 
 
 def eps_255(eps: float) -> float:
@@ -179,6 +187,8 @@ def plan(path: Path) -> Grid:
     grid_seeds = _list(exp.get("seeds", [0]), "seeds", f"{path} [experiment]")
     out = Path(exp["out"])
     runs = []
+    aa_seeds = _list(exp["autoattack_seeds"], "autoattack_seeds", f"{path} [experiment]") \
+        if "autoattack_seeds" in exp else None
     for i, block in enumerate(load_blocks(path, data, exp)):
         where = f"{path} [[runs]] #{i + 1}"
         methods = block.get("methods") or [block.get("method")]
@@ -208,8 +218,10 @@ def plan(path: Path) -> Grid:
             for source in names:
                 for eps in eps_axis:
                     for seed in seeds:
+                        aa_off = {"autoattack": 0} if aa_seeds is not None and seed not in aa_seeds else {}
                         runs.append(_plan_run(method, source, sources, plain_shards, eps, seed, tag, fit, overrides,
-                                              ev, eval_cfg, out, f"{where} ({method})", from_dict, ConfigError))
+                                              {**ev, **aa_off}, eval_cfg, out, f"{where} ({method})", from_dict,
+                                              ConfigError))
     names = [r.name for r in runs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

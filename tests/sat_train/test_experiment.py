@@ -122,6 +122,7 @@ out = "{out}"
 eval_shards = "{test}"
 seeds = [0, 1]
 eps = ["8/255", 0.1]
+autoattack_seeds = [0]
 [sources]
 fg = "{a}"
 shuffled = "{b}"
@@ -174,6 +175,7 @@ def test_plan_blocks_eps_axis_names_and_derived_sources_last(tiny_shards, tmp_pa
     assert by["sat-fg-p0.25-eps8_255-s0"].fit_values["sat_final_p"] == 0.25
     assert by["sat-fg-eps8_255-s0"].fit_values["sat_final_p"] == 0.9
     assert by["standard-s0"].eps is None and "autoattack_eps" not in by["standard-s0"].eval_values
+    assert by["sat-fg-eps0.1-s0"].eval_values["autoattack"] == 10 and by["sat-fg-eps0.1-s1"].eval_values["autoattack"] == 0
     assert main([str(grid), "--dry-run"]) == 0
 
 

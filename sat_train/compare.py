@@ -22,7 +22,6 @@ Every file is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -384,13 +383,11 @@ def make_figures(runs: list[dict], groups: list[list[dict]] | None = None) -> di
 def plot_all(runs: list[dict], groups: list[list[dict]], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
-    from shards.storage import atomic_write_bytes
+    from shards.storage import atomic_write
 
     figs = make_figures(runs, groups)
     for name, fig in figs.items():
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-        atomic_write_bytes(out / name, buf.getvalue())
+        atomic_write(out / name, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))  # noqa: B023
         plt.close(fig)
     return list(figs)
 

@@ -226,7 +226,7 @@ def run_fit(grid: Grid, r: PlannedRun, skip_done: bool, use_subprocess: bool, st
 def run_eval(grid: Grid, r: PlannedRun, eval_values: dict, out: Path | None, label: str, use_subprocess: bool,
              status: dict, skip_done: bool) -> int:
     from sat_train.checkpoint import checkpoint_path
-    from shards.format import sha256_file
+    from shards.storage import sha256_file
 
     eval_shards = grid.experiment["eval_shards"]
     path = out or r.run_dir / "eval" / f"{Path(eval_shards).resolve().name}.json"
@@ -255,7 +255,7 @@ def print_plan(grid: Grid) -> None:
 
 
 def run_grid(path: Path, dry_run: bool = False, use_subprocess: bool | None = None) -> int:
-    from shards.format import atomic_write_json
+    from shards.storage import atomic_write_json
 
     grid = plan(path)
     exp, out = grid.experiment, grid.out

@@ -45,7 +45,7 @@ import numpy as np
 from shards.format import FORMAT_NAME, MANIFEST_NAME, SALIENCY_EXT, ShardFormatError, saliency_to_uint8, uint8_to_saliency
 from shards.manifest import Manifest, check_shard_files, read_manifest
 from shards.provenance import satpipe_version, write_provenance
-from shards.reading import decode_image, iter_tar_samples
+from shards.reading import decode_image, index_key, iter_tar_samples, read_dali_index
 from shards.storage import atomic_write_json, sha256_file
 from shards.writer import ShardWriter
 
@@ -206,6 +206,24 @@ def shard_done(out: Path, name: str, plan: str) -> dict | None:
 
 # ----------------------------------------------------------------------------- deriving
 
+def read_samples(manifest: Manifest, n: int):
+    """Samples of input shard n in order. A local shard is sliced at its DALI index's offsets out of one
+    mmap (both files passed the sha256 check): no per-member tar parsing. A remote one is streamed."""
+    import mmap
+
+    entry = manifest.shards[n]
+    tar = manifest.root / entry["tar"]
+    if getattr(manifest, "remote", False):
+        yield from iter_tar_samples(tar)
+        return
+    index = read_dali_index(manifest.root / entry["index"])
+    with open(tar, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for components in index:
+            if any(off + size > len(data) for _, off, size, _ in components):
+                raise DeriveError(f"{tar}: its index points past the end of the file")
+            yield {"__key__": index_key(components), **{ext: data[off:off + size] for ext, off, size, _ in components}}
+
+
 def derive_shard(manifest: Manifest, n: int, first: int, out: Path, plan: str, make_maps: MakeMaps,
                  batch_size: int, bar=None, writer_cls=ShardWriter) -> dict:
     """Write output shard n (all its samples, in order) and its sidecar; returns its ShardInfo dict."""
@@ -233,7 +251,7 @@ def derive_shard(manifest: Manifest, n: int, first: int, out: Path, plan: str, m
             batch.clear()
 
         try:
-            for sample in iter_tar_samples(src):
+            for sample in read_samples(manifest, n):
                 if SALIENCY_EXT not in sample:
                     raise DeriveError(f"{src}: sample {sample['__key__']!r} has no {SALIENCY_EXT}")
                 batch.append(sample)

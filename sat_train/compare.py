@@ -59,24 +59,26 @@ def eval_sets(run: Path) -> list[str]:
 
 
 def saliency_kind(shards: str | None, fallback: str | None) -> str | None:
-    """How the training set's maps were made, from its manifest: the saliency block's kind, with the
-    count per kind when the set mixes kinds (e.g. "mask 812, box 188"); else the build config's."""
+    """What the training set's maps really are, from its manifest: `saliency.kind` (what the samples
+    show; `mixed` with the count per kind from counts.saliency_kinds, e.g. "mixed: mask 812, box 188"),
+    with the explainer of a teacher set and the maps a shuffled set permutes; else the build config's."""
     manifest = None
     if shards and (Path(shards) / "manifest.json").is_file():
         try:
             manifest = json.loads((Path(shards) / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError):
             manifest = None
-    if not manifest:
+    if not isinstance(manifest, dict):
         return fallback
     block = manifest.get("saliency") if isinstance(manifest.get("saliency"), dict) else {}
-    counts = block.get("counts") or block.get("kinds")
-    if isinstance(counts, dict) and len(counts) > 1:
-        return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    kinds = (manifest.get("counts") or {}).get("saliency_kinds") or {}
+    if len(kinds) > 1:
+        return "mixed: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
     kind = block.get("kind") or manifest.get("config", {}).get("saliency") or fallback
-    if kind == "teacher" and block.get("explainer"):
-        kind = f"teacher ({block['explainer']})"
-    return kind
+    if kind == "unknown" and block.get("requested"):
+        return f"unknown (requested {block['requested']})"
+    extra = block.get("explainer") if kind == "teacher" else block.get("source_kind")
+    return f"{kind} ({extra})" if extra and extra != kind else kind
 
 
 def load_run(run: Path, eval_name: str | None) -> dict:

@@ -91,7 +91,7 @@ def test_build_train_eval_report_on_real_fashion_mnist(tmp_path, capsys):
     kinds = {g["saliency"]: g["kind"] for g in json.loads((exp / "report" / "report.json").read_text())
              ["groups"]["numbers"]}
     assert kinds["foreground"] == "foreground" and kinds["box"] == "foreground-box"
-    assert kinds["teacher"].startswith("teacher")
+    assert kinds["teacher"] == "teacher (grad-sign)" and kinds["shuffled"] == "shuffled (foreground)"
     assert (exp / "report" / "accuracy_vs_eps.png").stat().st_size > 5000
     capsys.readouterr()
     # a rerun keeps everything: the teacher set too (same derivation of the same checkpoint)

@@ -135,14 +135,18 @@ def test_groups_split_on_any_config_difference_but_the_seed(tmp_path):
 def test_saliency_kind_reads_the_training_manifest(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
-    (shards / "manifest.json").write_text(json.dumps({"config": {"saliency": "auto"},
-                                                      "saliency": {"kind": "mask", "counts": {"mask": 80, "box": 20}}}))
-    assert saliency_kind(str(shards), "x") == "mask 80, box 20"
-    (shards / "manifest.json").write_text(json.dumps({"config": {}, "saliency": {"kind": "teacher",
-                                                                                 "explainer": "grad-sign"}}))
-    assert saliency_kind(str(shards), "x") == "teacher (grad-sign)"
-    (shards / "manifest.json").write_text(json.dumps({"config": {"saliency": "foreground-box"}}))
-    assert saliency_kind(str(shards), "x") == "foreground-box"
+
+    def manifest(saliency, kinds=None, config=None):
+        (shards / "manifest.json").write_text(json.dumps({"config": config or {}, "saliency": saliency,
+                                                          "counts": {"saliency_kinds": kinds or {}}}))
+        return saliency_kind(str(shards), "fallback")
+
+    assert manifest({"kind": "mixed", "requested": "auto"}, {"mask": 80, "box": 20}) == "mixed: mask 80, box 20"
+    assert manifest({"kind": "box", "requested": "auto"}, {"box": 100}) == "box"  # auto on a mask-less set
+    assert manifest({"kind": "teacher", "explainer": "grad-sign"}) == "teacher (grad-sign)"
+    assert manifest({"kind": "shuffled", "source_kind": "foreground"}) == "shuffled (foreground)"
+    assert manifest({"kind": "unknown", "requested": "mask"}) == "unknown (requested mask)"
+    assert manifest(None, config={"saliency": "foreground-box"}) == "foreground-box"
     assert saliency_kind(str(tmp_path / "gone"), "box") == "box"
 
 

@@ -10,6 +10,13 @@ Rows (ROWS below; object-storage rows add a Case to it):
                (target >= 0.9x)
   ray-local    `build-shards --executor ray --workers 2`, starting (and stopping) its own local Ray
                instance, vs `--workers 2`: what starting Ray costs on one machine
+  s3-build     `build-shards --workers 2 --out s3://...` to a local S3 server (moto_server on 127.0.0.1,
+               started by the benchmark) vs the same build to disk: what publishing through S3 costs
+  s3-torch     the torch loader (2 workers) from the local S3 server vs from disk: make_loader (sha256
+               check of every shard: one streamed pass) + one epoch, in this process
+  s3-dali      the same with the DALI backend: from S3 it stages the set into an empty local cache
+               first (download + sha256), then reads the local copy
+The loader rows read the set the s3-build row's baseline wrote (made once, untimed, if only they run).
 Every run is the whole command in a fresh process (what a user waits for), output to a fresh folder;
 configurations interleave within a round and each cell is the median over rounds. Prints a markdown
 table and writes it to bench/results/scale_out.md.
@@ -43,6 +50,7 @@ class Context:
     work: Path
     size: int
     ray_address: str = ""  # of the Ray instance this benchmark runs for the `joined` rows
+    s3_bucket: str = ""  # on the moto server this benchmark runs for the s3-* rows
 
 
 @dataclass
@@ -55,6 +63,7 @@ class Case:
     target: float  # candidate speed / baseline speed must reach this
     run: Callable[[Context, str], int]
     needs_ray: bool = False
+    needs_s3: bool = False
 
 
 def build_command(ctx: Context, out: Path, *extra: str) -> int:
@@ -79,11 +88,95 @@ def ray_local(ctx: Context, variant: str) -> int:
     return build_command(ctx, ctx.work / "ray-local", "--executor", "ray", "--workers", "2")
 
 
+def s3_build(ctx: Context, variant: str) -> int:
+    if variant == "baseline":
+        return build_command(ctx, ctx.work / "disk", "--workers", "2")
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    prefix = f"{ctx.s3_bucket}/built"
+    if fs.exists(prefix):
+        fs.rm(prefix, recursive=True)
+    url = f"s3://{prefix}"
+    cmd = [sys.executable, "-m", "preprocess", "build-shards", "coco", "--annotations", str(ctx.ann_path),
+           "--images", str(ctx.images), "--size", str(ctx.size), "--out", url, "--no-progress", "--workers", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(fs.cat(f"{prefix}/manifest.json"))["counts"]["written"]
+
+
+def _loader_set(ctx: Context) -> tuple[Path, str]:
+    """The loader rows' set: on disk (built once) and on the bucket (uploaded once)."""
+    import s3fs
+
+    local = ctx.work / "loader-set"
+    if not (local / "manifest.json").exists():
+        build_command(ctx, local, "--workers", "2")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    prefix = f"{ctx.s3_bucket}/loader-set"
+    if not fs.exists(f"{prefix}/manifest.json"):
+        for p in sorted(local.iterdir(), key=lambda p: p.name == "manifest.json"):  # manifest last
+            if p.is_file():
+                fs.put_file(str(p), f"{prefix}/{p.name}")
+    return local, f"s3://{prefix}"
+
+
+def _one_epoch(where, backend: str) -> int:
+    from sat_train.loader import make_loader
+
+    loader = make_loader(where, 128, train=True, backend=backend, num_workers=2, device="cpu")
+    n = sum(len(y) for _, _, y in loader)
+    loader.close()
+    return n
+
+
+def s3_loader(backend: str) -> Callable[[Context, str], int]:
+    def run(ctx: Context, variant: str) -> int:
+        local, url = _loader_set(ctx)
+        if variant == "baseline":
+            return _one_epoch(str(local), backend)
+        shutil.rmtree(ctx.work / "cache", ignore_errors=True)  # DALI: stage into an empty cache every time
+        return _one_epoch(url, backend)
+    return run
+
+
 ROWS = [
     Case("ray-joined", "--workers 2", "Ray, 2 CPUs, joined (--ray-address)", 0.9, ray_joined, needs_ray=True),
     Case("ray-local", "--workers 2", "Ray, 2 CPUs, local instance started by the build", 0.0, ray_local,
          needs_ray=True),
+    Case("s3-build", "--workers 2 to disk", "--workers 2 to s3:// (local moto server)", 0.0, s3_build, needs_s3=True),
+    Case("s3-torch", "torch loader from disk", "torch loader from s3:// (streamed)", 0.0, s3_loader("torch"),
+         needs_s3=True),
+    Case("s3-dali", "DALI loader from disk", "DALI loader from s3:// (staged into an empty cache)", 0.0,
+         s3_loader("dali"), needs_s3=True),
 ]
+
+
+def start_s3(work: Path) -> tuple[str, subprocess.Popen]:
+    """A moto S3 server on 127.0.0.1 for the s3-* rows, with dummy keys in this process's environment
+    (the builds it starts inherit them); returns (bucket, server process)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    work.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=open(work / "moto.log", "w"), stderr=subprocess.STDOUT)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", SATPIPE_SHARD_CACHE=str(work / "cache"))
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+    return "bench", proc
 
 
 def start_ray() -> str:
@@ -110,6 +203,9 @@ def main(argv=None) -> int:
     ctx = Context(generate(data, objects), data / "images", data.parent / "scale-out", args.size)
     if any(c.needs_ray for c in cases):
         ctx.ray_address = start_ray()
+    s3_server = None
+    if any(c.needs_s3 for c in cases):
+        ctx.s3_bucket, s3_server = start_s3(ctx.work)
     # one untimed run of each: Numba's cache and the OS page cache are warm for every timed run
     for c in cases:
         for variant in ("baseline", "candidate"):
@@ -124,9 +220,14 @@ def main(argv=None) -> int:
                 times.setdefault((c.name, variant), []).append((n, dt))
                 print(f"round {rnd + 1}/{rounds} {c.name} {variant}: {n} samples in {dt:.2f}s = {n / dt:.0f}/s",
                       flush=True)
+    if s3_server is not None:
+        s3_server.terminate()
+        s3_server.wait()
     shutil.rmtree(ctx.work, ignore_errors=True)
 
-    lines = [f"{objects} objects, {args.size} px, median of {rounds} round(s), whole commands in fresh processes", "",
+    how = "whole commands in fresh processes" + ("; s3-torch/s3-dali: make_loader + one epoch in this process"
+                                                 if any(c.name in ("s3-torch", "s3-dali") for c in cases) else "")
+    lines = [f"{objects} objects, {args.size} px, median of {rounds} round(s), {how}", "",
              "| row | baseline | samples/s | candidate | samples/s | candidate / baseline | target |",
              "|---|---|---:|---|---:|---:|---:|"]
     for c in cases:

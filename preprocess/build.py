@@ -6,7 +6,9 @@
 Each worker writes whole shards (one shard's encoded samples in memory at a time, so peak memory
 does not grow with the dataset). Shards get their final names only when complete (ShardWriter, with
 template tar headers: preprocess/tar_fast.py), then a sidecar records their checksum; the manifest
-comes last. Re-running the same command resumes (see preprocess/plan.py).
+comes last. Re-running the same command resumes (see preprocess/plan.py). `--out s3://bucket/prefix`
+builds through a local staging folder and publishes each shard from the process that made it, the
+manifest last (preprocess/remote_out.py).
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ import numpy as np
 from tqdm import tqdm
 
 from shards.format import ShardFormatError, sanitize_key
-from shards.storage import atomic_write_json
+from shards.storage import atomic_write_json, is_url
 from preprocess.config import BuildConfig
 from preprocess.finalize import MAX_EXAMPLES, merge_counts, summary_line, write_manifest
 from preprocess.plan import (BuildError, ShardPlan, digest_of, input_stamps, layout_digest, make_plan, plan_digest,
                              prepare_output, remove_stale_temps, shard_done, state_dir)
+from preprocess.remote_out import open_remote_output, publish_shard
 from preprocess.sources import Skip, SourceError, get_source_class
 from preprocess.tar_fast import FastShardWriter
 from preprocess.workers import PoolStarter
@@ -43,6 +46,7 @@ class Job:
     out: Path
     plan: str  # plan digest, written into each sidecar
     token: str = ""  # unique per build() call (a worker keeps one source per build)
+    remote: str = ""  # --out URL: `out` is a staging folder, each finished shard is uploaded (remote_out.py)
 
 
 _CURRENT: dict = {}  # per process: the build token and the first Job received for that build
@@ -70,6 +74,8 @@ def build_shard(task: tuple[Job, ShardPlan]) -> tuple[str, dict]:
         _CURRENT.update(token=job.token, job=job)
     job = _CURRENT["job"]
     source, cfg, out = job.source, job.cfg, job.out
+    if job.remote:  # the staging folder, also on a Ray node other than the driver's
+        state_dir(out).mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, shard.name)
     counts = {"read": 0, "written": 0, "skipped": {}}
     examples: dict = {}
@@ -111,6 +117,8 @@ def build_shard(task: tuple[Job, ShardPlan]) -> tuple[str, dict]:
     inputs = None if stamps is None else {"stamps": stamps, "skipped": sorted(skipped_items)}
     side = {"plan": job.plan, "shard": info, "counts": counts, "examples": examples, "inputs": inputs}
     atomic_write_json(state_dir(out) / f"{shard.name}.json", side)
+    if job.remote:
+        publish_shard(job.remote, out, shard.name, side)  # tar, index, then sidecar
     return shard.name, side
 
 
@@ -170,7 +178,9 @@ def _build(cfg: BuildConfig, log, starter) -> dict | None:
         kind = source_cls.resolve_saliency(cfg.saliency)
     except ValueError as e:
         raise BuildError(str(e)) from None
-    out = Path(cfg.out or Path("shards") / cfg.source / cfg.split)
+    remote = open_remote_output(cfg) if is_url(cfg.out) else None
+    out = remote.staging if remote else Path(cfg.out or Path("shards") / cfg.source / cfg.split)
+    shown = remote.url if remote else out  # what the log names
     source = source_cls(cfg)
     items, plan_skips = source.items()
     if not items:
@@ -181,7 +191,7 @@ def _build(cfg: BuildConfig, log, starter) -> dict | None:
         raise BuildError(f"{cfg.annotations or cfg.root or cfg.source}: empty dataset, nothing to build{why}")
     shards = make_plan(items, cfg.split, cfg.shard_size, cfg.seed)
     header = _header(cfg, source, kind, shards, plan_skips)
-    note = prepare_output(out, header, cfg.overwrite, source, shards)
+    note = (remote.prepare if remote else prepare_output)(out, header, cfg.overwrite, source, shards)
     if note:
         log(note)
 
@@ -189,15 +199,15 @@ def _build(cfg: BuildConfig, log, starter) -> dict | None:
     sides: dict[str, dict] = {}
     todo = []
     for s in mine:
-        done = shard_done(out, s, header["plan"])
+        done = remote.shard_done(s, header["plan"]) if remote else shard_done(out, s, header["plan"])
         if done is None:
             todo.append(s)
         else:
             sides[s.name] = done
     node = f" (node {cfg.node_rank} of {cfg.num_nodes})" if cfg.num_nodes > 1 else ""
-    planned = (f"building {out}{node}: {sum(s.expected for s in mine)} samples planned in {len(mine)} shards, "
+    planned = (f"building {shown}{node}: {sum(s.expected for s in mine)} samples planned in {len(mine)} shards, "
                f"{len(sides)} already complete, {len(todo)} to build")
-    job = Job(source, cfg, kind, out, header["plan"], token=uuid.uuid4().hex)
+    job = Job(source, cfg, kind, out, header["plan"], token=uuid.uuid4().hex, remote=remote.url if remote else "")
     if cfg.executor == "ray" and todo:
         _build_on_ray(cfg, job, todo, sides, lambda how: log(f"{planned}, {how}"))
     else:
@@ -217,7 +227,9 @@ def _build(cfg: BuildConfig, log, starter) -> dict | None:
             f"run `preprocess finalize {out}` when every node is done")
         return None
     manifest = write_manifest(out, header, [sides[s.name] for s in shards])
-    log(summary_line(out, manifest))
+    if remote:
+        remote.publish_manifest()  # provenance.json, then the manifest: the last objects of the build
+    log(summary_line(shown, manifest))
     return manifest
 
 

@@ -41,7 +41,8 @@ _HELP = {
                           "paths, '..', symlinks leading out); without it they are skipped as 'path outside root'",
     "shard_size": "samples per shard",
     "seed": "shuffle seed (which samples share a shard, and their order)",
-    "out": "output folder (default: shards/SOURCE/SPLIT)",
+    "out": "output folder, or a URL such as s3://bucket/prefix (credentials: the S3 client's own chain; "
+           "see preprocess/remote_out.py) (default: shards/SOURCE/SPLIT)",
     "workers": "worker processes; each writes whole shards",
     "num_nodes": "split the shards over this many machines (each runs with its --node-rank)",
     "node_rank": "which part of a --num-nodes build this run writes",

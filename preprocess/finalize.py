@@ -16,7 +16,7 @@ from pathlib import Path
 
 from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
 from shards.provenance import satpipe_version, write_provenance
-from shards.storage import atomic_write_json
+from shards.storage import atomic_write_json, is_url
 from preprocess.plan import BuildError, read_json, shard_done, state_dir, ShardPlan
 
 MAX_EXAMPLES = 5  # skipped ids kept per reason in the manifest (all are counted)
@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", help="output folder that every node wrote into")
     args = ap.parse_args(argv)
+    if is_url(args.dir):  # only --num-nodes builds need finalize, and those write to a shared folder
+        print(f"preprocess finalize: {args.dir}: a build to a URL writes its own manifest (multi-node builds to "
+              "object storage use --executor ray)", file=sys.stderr)
+        return 2
     try:
         manifest = finalize(Path(args.dir))
     except BuildError as e:

@@ -46,7 +46,7 @@ class ConfigError(Exception):
 @dataclass
 class TrainConfig:
     # data
-    shards: str = ""  # training shard set (folder with manifest.json); required
+    shards: str = ""  # training shard set: folder or URL (s3://bucket/prefix, https://...) with manifest.json; required
     run: str = ""  # run folder; default runs/<method>
     loader_backend: str = "auto"  # "auto" | "dali" | "torch" | "device" (see sat_train.loader)
     loader_memory_fraction: float = 0.5  # device backend: share of free GPU memory / available RAM the decoded set may use

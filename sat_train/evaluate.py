@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="sat-train eval", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("run", help="run folder written by `sat-train fit` (holds checkpoints/last.pt)")
-    p.add_argument("--shards", required=True, help="evaluation shard set (folder with manifest.json)")
+    p.add_argument("--shards", required=True, help="evaluation shard set: folder or URL (s3://bucket/prefix, "
+                   "https://...) with manifest.json")
     p.add_argument("--config", help="TOML file of EvalConfig fields (top level or an [eval] table)")
     p.add_argument("--out", help="results JSON (default RUN/eval/<shard-set name>.json)")
     a = p.add_argument_group("attacks (override the config)")
@@ -289,13 +290,13 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
     from shards.format import ShardFormatError
     from shards.manifest import read_manifest
     from shards.provenance import provenance
-    from shards.storage import atomic_write_json
+    from shards.storage import atomic_write_json, is_url, location
     from sat_train.checkpoint import CheckpointError, load_model
     from sat_train.loader import LoaderError, make_loader
     from sat_train.robustness import build_specs, prepare_for_attack, run_suite
     from sat_train.sanity import masking_checks
 
-    run_dir, shard_dir = Path(run_dir), Path(shard_dir)
+    run_dir, shard_dir = Path(run_dir), location(shard_dir)  # a folder, or a URL (s3://, https://) via fsspec
     if not run_dir.exists():
         raise EvalError(f"{run_dir}: no such run folder")
     try:
@@ -349,7 +350,7 @@ def evaluate(run_dir, shard_dir, cfg: EvalConfig, out=None, progress=True) -> tu
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "provenance": provenance(),
     }
-    out = Path(out) if out else run_dir / "eval" / f"{shard_dir.resolve().name}.json"
+    out = Path(out) if out else run_dir / "eval" / f"{(shard_dir if is_url(shard_dir) else shard_dir.resolve()).name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, results)
     return results, out

@@ -94,7 +94,7 @@ def run_summary(cfg, manifest, run, rows, info, epochs_done) -> dict:
     train_time = sum(r["epoch_time_s"] for r in rows)
     images = sum(r.get("images", 0) for r in rows)
     mcfg = manifest.raw.get("config", {})
-    return {"method": cfg.method, "arch": cfg.arch, "run": str(run), "shards": str(manifest.root),
+    return {"method": cfg.method, "arch": cfg.arch, "run": str(run), "shards": str(cfg.shards),
             "data_source": mcfg.get("source"), "saliency_source": _saliency_kind(manifest), "epochs": epochs_done,
             "epochs_planned": cfg.epochs, "train_time_s": train_time, "images_per_s": images / train_time if train_time else 0.0,
             "final_loss": last.get("loss"), "final_train_acc": last.get("train_acc"), "final_input_acc": last.get("input_acc"),

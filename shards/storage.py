@@ -201,7 +201,7 @@ def describe_remote_error(e: BaseException) -> str:
     if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text or "InvalidAccessKeyId" in text:
         return f"access denied ({text}); check the credentials the S3 client finds (AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws)"
     if isinstance(e, FileNotFoundError):
-        return "does not exist" + (f" ({text})" if "bucket" in text.lower() else "")
+        return f"no such bucket ({text})" if "bucket" in text.lower() else "does not exist"
     if "Timeout" in name or isinstance(e, TimeoutError):
         return f"timed out ({text}; SATPIPE_REMOTE_TIMEOUT={remote_timeout():g} s per request)"
     if "Connect" in name or isinstance(e, ConnectionError):
@@ -221,6 +221,7 @@ def list_sizes(root) -> dict[str, int]:
         return {}
     with remote_errors(root):
         try:
+            root.fs.invalidate_cache(root.path)  # fsspec caches listings per process: a set may have changed
             entries = root.fs.ls(root.path, detail=True)
         except (FileNotFoundError, NotImplementedError):
             return {}

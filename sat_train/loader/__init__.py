@@ -18,12 +18,20 @@ shuffle and distributed semantics) and the same augmentation (augment.py; the de
 uses DALI's draws, so the two agree bit for bit). The epoch is explicit: iterating twice without
 `set_epoch` gives the same order again. Shards are checked against the manifest before anything
 reads them (safety.py); problems raise `LoaderError` with a one-line message naming the file.
+
+A shard set may be a URL (s3://bucket/prefix, https://host/path; shards/storage.py): the torch and
+device backends stream its tars through fsspec (one sequential read per shard), the DALI backend
+reads a local copy that stage.py makes and checks (sha256 of every byte) in a size-bounded cache.
 """
 from __future__ import annotations
 
 import sys
 
 import torch
+
+from shards.format import ShardFormatError
+from shards.manifest import read_manifest
+from shards.storage import is_url
 
 from .augment import to_model_inputs
 from .plan import Layout, LoaderError, epoch_plan
@@ -111,7 +119,9 @@ def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto
                 rank: int | None = None, world_size: int | None = None, device=None, num_workers: int = 2,
                 verify: str = "sha256", with_keys: bool = False, decode: str = "auto",
                 memory_fraction: float = 0.5) -> Loader:
-    """Loader over the shard set in `shard_dir` (a folder with manifest.json).
+    """Loader over the shard set in `shard_dir` (a folder with manifest.json, or a URL: s3://bucket/prefix,
+    https://host/path; the torch and device backends stream its tars, DALI reads a checked local copy made
+    by stage.py).
 
     train=True: shuffled per epoch, augmented, last partial batch dropped (defaults; override with
     `augment`/`drop_last`). train=False: manifest order, no augmentation, every sample once.
@@ -136,16 +146,25 @@ def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 
-    shard_set = open_shard_set(shard_dir, verify)  # verify: "sha256" (every byte) | "size" (see safety.py)
+    staged = None
+    if is_url(shard_dir):  # s3://, https://: torch and device stream the tars, DALI reads a staged local copy
+        if backend == "auto":
+            backend = _say_auto(_auto_backend(_remote_manifest(shard_dir), device, memory_fraction), rank)
+        if backend == "dali":
+            from .stage import stage_shard_set
+
+            staged = stage_shard_set(str(shard_dir), log=(lambda m: print(m, file=sys.stderr)) if rank == 0 else None)
+    # verify: "sha256" (every byte) | "size" (see safety.py); a staged copy was hashed while it was fetched
+    shard_set = open_shard_set(staged.folder if staged else shard_dir, "size" if staged else verify,
+                               source=str(shard_dir))
+    shard_set.hold = staged
     for warning in shard_set.warnings if rank == 0 else ():
         print(f"loader: warning: {warning}", file=sys.stderr)
     layout = Layout(shard_set.shard_sizes, int(batch_size), rank, world_size, shuffle=train, drop_last=drop_last)
     layout.check(str(shard_set.manifest.root))
 
     if backend == "auto":
-        backend, why = _auto_backend(shard_set.manifest, device, memory_fraction)
-        if rank == 0:
-            print(f"loader: backend auto -> {backend} ({why})", file=sys.stderr)
+        backend = _say_auto(_auto_backend(shard_set.manifest, device, memory_fraction), rank)
     if backend == "device":
         from .device_backend import DeviceLoader
         cls, extra = DeviceLoader, {"memory_fraction": float(memory_fraction)}
@@ -159,6 +178,19 @@ def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto
         cls, extra = TorchLoader, {}
     return cls(shard_set, layout, seed=int(seed), augment=augment, crop_padding=int(crop_padding), flip=bool(flip),
                device=device, num_workers=int(num_workers), with_keys=with_keys, **extra)
+
+
+def _say_auto(choice: tuple[str, str], rank: int) -> str:
+    if rank == 0:
+        print(f"loader: backend auto -> {choice[0]} ({choice[1]})", file=sys.stderr)
+    return choice[0]
+
+
+def _remote_manifest(url):
+    try:
+        return read_manifest(url)
+    except ShardFormatError as e:
+        raise LoaderError(str(e)) from None
 
 
 def _auto_backend(manifest, device: torch.device, memory_fraction: float) -> tuple[str, str]:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.format import LABEL_EXT, SALIENCY_EXT, ShardFormatError, decode_label
 from shards.reading import decode_image, decode_saliency, index_key, iter_tar_samples
+from shards.storage import location
 
 from . import Loader
 from .augment import crop_flip, draw, uint8_to_float
@@ -32,7 +33,9 @@ class _PlanDataset(IterableDataset):
 
     def __init__(self, loader: "TorchLoader", parts, epoch: int):
         self.parts, self.epoch = parts, epoch
-        self.tars = loader.manifest.tar_paths()  # Paths, or UPaths of a remote set (picklable for workers)
+        # names, not file-system objects: an S3/HTTP client made before DataLoader forks is not fork-safe,
+        # so each worker makes its own (shards.storage.location, per process)
+        self.tars = [str(p) for p in loader.manifest.tar_paths()]
         self.keys = loader.keys
         image = self.image = loader.manifest.image
         self.fmt, self.shape = image["format"], (image["height"], image["width"], image["channels"])
@@ -68,7 +71,7 @@ class _PlanDataset(IterableDataset):
         exts = (self.fmt, SALIENCY_EXT, LABEL_EXT)
         left = len(want)
         try:
-            for sample in iter_tar_samples(tar, exts=exts, keys=want):  # streamed: local file or URL
+            for sample in iter_tar_samples(location(tar), exts=exts, keys=want):  # streamed: local file or URL
                 i = want.get(sample["__key__"])
                 if i is None or found[i] is not None:
                     continue

@@ -241,7 +241,7 @@ def test_help_names_each_default_once():
 
     ap = make_parser("coco")
     text = " ".join(ap.format_help().split())  # argparse wraps lines
-    assert "output folder (default: shards/SOURCE/SPLIT) --workers" in text
+    assert "output folder, or a URL" in text and "(default: shards/SOURCE/SPLIT) --workers" in text
     for action in ap._actions:
         assert (action.help or "").count("(default:") <= 1, action.option_strings
 

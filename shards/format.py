@@ -92,24 +92,3 @@ def uint8_to_saliency(g):
 
     return np.asarray(g, dtype=np.float32) / 127.5 - 1.0
 
-
-# ----------------------------------------------------------------------------- moved names (transitional)
-# Until every importer names the module that now holds them (shards/storage.py, writer.py, manifest.py,
-# reading.py), `from shards.format import X` still finds X; a DeprecationWarning is deliberately not
-# raised, since the importers are being updated in the same change.
-_MOVED = {
-    "shards.storage": ("atomic_write", "atomic_write_bytes", "atomic_write_json", "sha256_file", "tmp_name"),
-    "shards.writer": ("ShardInfo", "ShardWriter"),
-    "shards.manifest": ("Manifest", "read_manifest", "check_shard_files", "unlisted_files", "plain_file_name",
-                        "VERIFY_MODES", "HASH_THREADS", "SHARD_KEYS"),
-    "shards.reading": ("iter_tar_samples", "read_dali_index", "gather_label_components", "unsafe_member"),
-}
-
-
-def __getattr__(name):
-    import importlib
-
-    for module, names in _MOVED.items():
-        if name in names:
-            return getattr(importlib.import_module(module), name)
-    raise AttributeError(f"module 'shards.format' has no attribute {name!r}")

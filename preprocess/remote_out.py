@@ -104,9 +104,11 @@ class RemoteOutput:
         after = _snapshot(self.staging)
         # a removed manifest first: from then on the prefix is an unfinished build
         self._delete([r for r in (MANIFEST_NAME, PROVENANCE_NAME) if r in self.listing and r not in after])
-        current = {Path(r).stem for r, data in after.items() if r.startswith(STATE_DIR + "/") and r != f"{STATE_DIR}/plan.json"
-                   and _plan_of(data) == header["plan"]}
-        orphans = [r for r in self.listing if "/" not in r and r.endswith((".tar", ".idx")) and Path(r).stem not in current]
+        # shards without a sidecar of this plan (another build's, or cut off before their sidecar) go
+        current = {Path(r).stem for r, data in after.items()
+                   if r.startswith(STATE_DIR + "/") and r != f"{STATE_DIR}/plan.json" and _plan_of(data) == header["plan"]}
+        orphans = [r for r in self.listing
+                   if "/" not in r and r.endswith((".tar", ".idx")) and Path(r).stem not in current]
         self._delete(orphans + [r for r in state if r not in after])
         for rel, data in sorted(after.items()):
             if rel.startswith(STATE_DIR + "/") and before.get(rel) != data:

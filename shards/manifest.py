@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards.format import FORMAT_NAME, FORMAT_VERSION, IMAGE_FORMATS, MANIFEST_NAME, ShardFormatError
-from shards.storage import (StorageError, describe_remote_error, is_url, list_sizes, location, remote_errors,
-                            sha256_file)
+from shards.storage import StorageError, is_url, list_sizes, location, missing_because, remote_errors, sha256_file
 
 VERIFY_MODES = ("sha256", "size")  # how readers check shard files before use: every byte (default) | sizes only
 HASH_THREADS = 8  # hashlib and file reads release the GIL: shards are hashed in parallel threads
@@ -79,8 +78,9 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
             try:
                 text = path.read_bytes().decode("utf-8", "replace")
             except FileNotFoundError as e:
-                if "bucket" in str(e).lower():  # the bucket itself is missing: say so, not "no manifest"
-                    raise StorageError(f"{path}: {describe_remote_error(e)}") from None
+                why = missing_because(e)  # no bucket, no server: say so, not "no manifest"
+                if why:
+                    raise StorageError(f"{path}: {why}") from None
                 raise ShardFormatError(f"{path}: no manifest (not a shard set, or its build did not finish)") from None
     else:
         if not root.is_dir():

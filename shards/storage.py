@@ -165,7 +165,9 @@ def open_binary(path, *, stream: bool = False) -> BinaryIO:
     (tars), so a web server is read as one response instead of ranged requests."""
     if not is_url(path):
         return open(path, "rb")
-    protocol = getattr(path, "protocol", "")
+    if isinstance(path, str):
+        path = location(path)
+    protocol = path.protocol
     if stream and protocol in ("http", "https"):
         return path.fs.open(path.path, "rb", block_size=0)  # HTTPStreamFile: no Range header needed
     return path.open("rb", block_size=HTTP_READ_BLOCK) if protocol in ("http", "https") else path.open("rb")
@@ -190,8 +192,22 @@ def remote_errors(where):
         yield
     except ShardFormatError:
         raise
+    except FileNotFoundError as e:
+        raise StorageError(f"{where}: {missing_because(e) or 'does not exist'}") from None
     except Exception as e:  # noqa: BLE001 -- the client libraries raise many types; each becomes one line
         raise StorageError(f"{where}: {describe_remote_error(e)}") from None
+
+
+def missing_because(e: FileNotFoundError) -> str | None:
+    """Why a remote file "does not exist" when the answer was no answer at all: fsspec's HTTP file system
+    reports a refused connection or a timeout as FileNotFoundError (the real error is its __cause__);
+    a missing S3 bucket says so in the message. None for a file that is really absent."""
+    cause = e.__cause__
+    if cause is not None and any(w in type(cause).__name__ for w in ("Connect", "Timeout")):
+        return describe_remote_error(cause)
+    if "bucket" in str(e).lower():
+        return describe_remote_error(e)
+    return None
 
 
 def describe_remote_error(e: BaseException) -> str:

@@ -295,6 +295,7 @@ def test_wrong_credentials_missing_bucket_and_no_server_fail_in_one_line(s3, ser
         one_line_failure(run(capsys, "preprocess.cli", build_cmd(coco, "s3://no-such-bucket/x")), "no such bucket")
         fresh(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")  # nothing listens there
         t0 = time.monotonic()
+        one_line_failure(run(capsys, "preprocess.cli", ["info", f"http://127.0.0.1:{free_port()}/x"]), "cannot connect")
         one_line_failure(run(capsys, "preprocess.cli", ["info", served["s3"]]), "cannot connect")
         one_line_failure(run(capsys, "sat_train.fit", fit + ["--run", s3.folder / "r2"]), "cannot connect")
         assert time.monotonic() - t0 < 60  # bounded: timeouts and few retries, never a hang

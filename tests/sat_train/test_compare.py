@@ -90,8 +90,9 @@ def test_report_groups_seeds_and_lists_every_run(tmp_path, capsys):
     assert dict(zip(per_run[0], per_run[2]))["clean"] == "91.50 (n=10000)"
     masking = table(md, "## Gradient-masking checks")
     assert [r[0] for r in masking[2:]] == ["sat-s0", "sat-s1"]  # trained against a perturbation and evaluated
-    assert dict(zip(masking[0], masking[2]))["AA - PGD (points)"] == "-9.0 WARNING"
-    assert "sat-s0: AutoAttack is 9.0 points below PGD at 8/255" in md
+    sat0 = dict(zip(masking[0], masking[2]))
+    assert sat0["PGD (n)"] == "50.00 (100)" and sat0["AutoAttack (n)"] == "41.00 (50)"
+    assert sat0["AA far below PGD, same samples"] == "no" and "All checks passed." in md
     assert "pgd: no evaluation on test" in md and "Natural distortions" in md
     for png in ("accuracy_vs_eps.png", "train_loss.png", "distortions.png"):
         data = (out / png).read_bytes()
@@ -106,18 +107,22 @@ def test_report_groups_seeds_and_lists_every_run(tmp_path, capsys):
 
 def test_masking_checks_flag_accuracy_rising_with_eps_and_eval_warnings(tmp_path):
     ok = write_run(tmp_path, "fgsm", method="fgsm-rs", drop=0.01, aa=0.79, config={"eps": 0.1})
-    bad = write_run(tmp_path, "pgd", method="pgd", drop=-0.01, aa=0.95)  # accuracy grows with eps
+    bad = write_run(tmp_path, "pgd", method="pgd", drop=-0.01, aa=0.5)  # accuracy grows with eps
     ev = json.loads((bad / "eval" / "test.json").read_text())
-    ev["sanity"]["warnings"] = ["PGD weaker than FGSM"]
+    ev["sanity"]["warnings"] = ["AutoAttack 50.00% is 48.0 points below PGD-20 eps=8/255 98.00% on the same 50 "
+                                "samples: PGD overestimates robustness (possible gradient masking)",
+                                "PGD weaker than FGSM: ..."]
     (bad / "eval" / "test.json").write_text(json.dumps(ev))
     path, runs, _ = compare([ok, bad], tmp_path / "r")
     md = path.read_text()
     rows = {r[0]: dict(zip(table(md, "## Gradient-masking checks")[0], r))
             for r in table(md, "## Gradient-masking checks")[2:]}
-    assert rows["fgsm"]["falls with eps"] == "yes" and rows["fgsm"]["eval warnings"] == "none"
-    assert rows["fgsm"]["AA - PGD (points)"] == "-3.0"  # within AA_GAP: no warning
-    assert rows["pgd"]["falls with eps"] == "NO" and rows["pgd"]["eval warnings"] == "1"
+    assert rows["fgsm"]["falls with eps"] == "yes" and rows["fgsm"]["other eval warnings"] == "none"
+    assert rows["fgsm"]["AA far below PGD, same samples"] == "no"
+    assert rows["pgd"]["falls with eps"] == "NO" and rows["pgd"]["other eval warnings"] == "1"
+    assert rows["pgd"]["AA far below PGD, same samples"] == "WARNING"
     assert "pgd: accuracy does not fall monotonically with eps" in md and "pgd: WARNING PGD weaker than FGSM" in md
+    assert "pgd: WARNING AutoAttack 50.00% is 48.0 points below" in md
     groups = table(md)
     assert dict(zip(groups[0], groups[2]))["train eps"] == "0.1"
 

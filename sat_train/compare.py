@@ -332,24 +332,24 @@ def make_figures(runs: list[dict], groups: list[list[dict]] | None = None) -> di
     groups = groups if groups is not None else group_runs(runs)
     figs = {}
     panels = sorted({g[0]["eps"] for g in groups if g[0]["eps"] is not None}) or [None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        for g in groups:
-            if g[0]["eps"] not in (panel, None):
-                continue
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9.5, 5 * len(panels)), squeeze=False)  # panels stacked
+    colors, markers = plt.cm.tab20.colors, "osD^vPX<>*"  # distinct styles for up to 20 groups per panel
+    for ax, panel in zip(axes[:, 0], panels):
+        for i, g in enumerate(g for g in groups if g[0]["eps"] in (panel, None)):
             evaluated = [r for r in g if pgd_curve(r["eval"])]
             if not evaluated:
                 continue
             xs = [0.0] + sorted({e for r in evaluated for e in pgd_curve(r["eval"])})  # eps 0 = clean accuracy
             stats = [mean_std([r["eval"]["clean_accuracy"] if x == 0 else pgd_curve(r["eval"]).get(x)
                                for r in evaluated]) for x in xs]
-            ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", capsize=3,
-                        label=group_name(g))
+            ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], capsize=3,
+                        color=colors[i % len(colors)], marker=markers[i % len(markers)], label=group_name(g))
         title = "Robust accuracy vs eps" + (f" (trained at eps {eps_label(round(panel * 255, 6))})" if panel else "")
         ax.set(xlabel="eps (x/255, L-inf)", ylabel="accuracy under PGD (%)", title=title)
     figs["accuracy_vs_eps.png"] = fig
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    ax.set_prop_cycle(color=colors)
     for g in groups:
         by_epoch = {}
         for r in g:
@@ -377,8 +377,8 @@ def make_figures(runs: list[dict], groups: list[list[dict]] | None = None) -> di
     for fig in figs.values():
         for ax in fig.axes:
             ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=7)
+            if ax.lines:  # beside the plot: with a dozen groups a legend inside hides the curves
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return figs
 
 

@@ -188,3 +188,10 @@ def test_errors_are_one_line(tmp_path, capsys):
     (a / "metrics.jsonl").write_text("{not json\n")
     with pytest.raises(CompareError, match="metrics.jsonl:1"):
         load_run(a, "test")
+
+
+def test_help_prints_the_opening_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert out.count("`sat-train compare`: the report over several runs") == 1 and "--eval" in out

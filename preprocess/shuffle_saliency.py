@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.derive import Batch, Derivation, DeriveError, derive, open_input, run_command
-from shards.format import SALIENCY_EXT, ShardFormatError, TAR_BLOCK
+from shards.format import SALIENCY_EXT, ShardFormatError, TAR_BLOCK, split_member_name
 from shards.manifest import Manifest, read_manifest
 from shards.reading import read_dali_index
 from preprocess.tar_fast import FastShardWriter
@@ -92,8 +92,7 @@ class MapReader:
             s, off, size = int(self.shard[p]), int(self.offset[p]), int(self.size[p])
             # the member's tar header sits in the block before its data: its name gives the key
             raw = os.pread(self._fd(s), TAR_BLOCK + size, off - TAR_BLOCK)
-            name = raw[:100].split(b"\0", 1)[0].decode("utf-8", "replace").rsplit("/", 1)[-1]
-            key, _, ext = name.partition(".")
+            key, ext = split_member_name(raw[:100].split(b"\0", 1)[0].decode("utf-8", "replace"))
             if ext != SALIENCY_EXT or len(raw) != TAR_BLOCK + size:
                 raise DeriveError(f"{self.tars[s]}: its index does not point at a {SALIENCY_EXT} at byte {off}")
             out[j] = (key, raw[TAR_BLOCK:])

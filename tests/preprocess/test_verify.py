@@ -16,6 +16,7 @@ from preprocess.build import build  # noqa: E402
 from preprocess.config import BuildConfig  # noqa: E402
 from preprocess.info import main as info_main  # noqa: E402
 from preprocess.verify import main as verify_main  # noqa: E402
+from shards.format import split_member_name  # noqa: E402
 from shards.storage import sha256_file  # noqa: E402
 from shards.writer import ShardWriter  # noqa: E402
 
@@ -78,7 +79,7 @@ def test_deep_checks_index_count_and_decoding(shard_set, capsys):
     with tarfile.open(tars[0]) as tf:
         members = [m for m in tf if m.isfile()]
         for m in members:
-            key, _, ext = m.name.partition(".")
+            key, ext = split_member_name(m.name)
             if not samples or samples[-1]["__key__"] != key:
                 samples.append({"__key__": key})
             samples[-1][ext] = tf.extractfile(m).read()

@@ -33,7 +33,7 @@ grid.toml (configs/fashion-mnist-study.toml is a full example; unknown tables an
 
     [[runs]]                           # a block: method(s) x sources x eps x seeds; every key but method optional
     method = "sat"                     # or methods = ["pgd", "fgsm-rs"]
-    sources = ["foreground", "shuffled"]   # saliency methods only; default: every source
+    sources = ["foreground", "shuffled"]   # for the block's saliency methods; default: every source
     seeds = [0]                        # default: [experiment] seeds
     eps = ["8/255"]                    # default: [experiment] eps (`standard` uses no eps: one run per seed)
     tag = "p0.25"                      # part of the run names (runs differing only in `fit` need one)

@@ -210,10 +210,10 @@ def plan(path: Path) -> Grid:
                 if unknown:
                     raise ExperimentError(f"{where}: unknown source(s) {', '.join(map(str, unknown))}; [sources] has "
                                           f"{', '.join(sources) or 'none'}")
-            elif "sources" in block:
-                raise ExperimentError(f"{where}: {method} uses no saliency: drop sources (or give it its own block)")
+            elif "sources" in block and not any(uses_saliency(m) for m in methods):
+                raise ExperimentError(f"{where}: {method} uses no saliency: drop sources")
             else:
-                names = [None]
+                names = [None]  # a block's sources apply to its saliency methods only
             eps_axis = (block_eps or [None]) if uses_eps(method) else [None]
             for source in names:
                 for eps in eps_axis:

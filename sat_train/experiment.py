@@ -38,6 +38,7 @@ grid.toml (configs/fashion-mnist-study.toml is a full example; unknown tables an
     eps = ["8/255"]                    # default: [experiment] eps (`standard` uses no eps: one run per seed)
     tag = "p0.25"                      # part of the run names (runs differing only in `fit` need one)
     fit = { sat_final_p = 0.25 }       # TrainConfig overrides for this block
+    eval = { autoattack = 0 }          # EvalConfig overrides for this block
 
 Run names: METHOD[-SOURCE][-TAG][-epsEPS]-sSEED (eps only when the grid sets [experiment] eps), e.g.
 sat-foreground-eps8_255-s0.

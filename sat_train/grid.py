@@ -14,7 +14,7 @@ from pathlib import Path
 TABLES = ("experiment", "sources", "fit", "eval", "runs")
 EXPERIMENT_KEYS = {"out", "train_shards", "eval_shards", "methods", "seeds", "eps", "clean_on_all", "autoattack_seeds",
                    "subprocess", "skip_done"}
-RUN_KEYS = {"method", "methods", "sources", "seeds", "eps", "tag", "fit"}
+RUN_KEYS = {"method", "methods", "sources", "seeds", "eps", "tag", "fit", "eval"}
 DERIVED_KEYS = {"shards", "teacher", "from", "explainer", "args"}
 GRID_OWNS = ("shards", "run", "method", "seed", "resume", "overwrite")  # set per run by the grid
 BLOCK_OWNS = GRID_OWNS + ("eps",)  # a [[runs]] block sets eps with its own `eps` list
@@ -200,6 +200,9 @@ def plan(path: Path) -> Grid:
         owned = sorted(set(overrides) & set(BLOCK_OWNS))
         if owned:
             raise ExperimentError(f"{where}: fit must not set {', '.join(owned)} (the grid sets them per run)")
+        eval_overrides = block.get("eval", {})
+        if not isinstance(eval_overrides, dict):
+            raise ExperimentError(f"{where}: eval must be a table of EvalConfig keys")
         seeds = _list(block.get("seeds", grid_seeds), "seeds", where)
         block_eps = [parse_eps(e, where) for e in _list(block["eps"], "eps", where)] if "eps" in block else grid_eps
         tag = str(block.get("tag", ""))
@@ -220,7 +223,7 @@ def plan(path: Path) -> Grid:
                     for seed in seeds:
                         aa_off = {"autoattack": 0} if aa_seeds is not None and seed not in aa_seeds else {}
                         runs.append(_plan_run(method, source, sources, plain_shards, eps, seed, tag, fit, overrides,
-                                              {**ev, **aa_off}, eval_cfg, out, f"{where} ({method})", from_dict,
+                                              {**ev, **eval_overrides, **aa_off}, eval_cfg, out, f"{where} ({method})", from_dict,
                                               ConfigError))
     names = [r.name for r in runs]
     dup = sorted({n for n in names if names.count(n) > 1})

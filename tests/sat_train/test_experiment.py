@@ -150,6 +150,7 @@ seeds = [0]
 eps = ["8/255"]
 tag = "p0.25"
 fit = {{ sat_final_p = 0.25 }}
+eval = {{ autoattack = 0 }}
 """
 
 
@@ -173,6 +174,7 @@ def test_plan_blocks_eps_axis_names_and_derived_sources_last(tiny_shards, tmp_pa
     assert by["pgd-eps0.1-s0"].fit_values["pgd_alpha"] == pytest.approx(0.05)  # "eps/2" of each run's eps
     assert by["sat-fg-eps8_255-s0"].fit_values["pgd_alpha"] == pytest.approx(4 / 255)
     assert by["sat-fg-p0.25-eps8_255-s0"].fit_values["sat_final_p"] == 0.25
+    assert by["sat-fg-p0.25-eps8_255-s0"].eval_values["autoattack"] == 0 and by["sat-fg-eps8_255-s0"].eval_values["autoattack"] == 10
     assert by["sat-fg-eps8_255-s0"].fit_values["sat_final_p"] == 0.9
     assert by["standard-s0"].eps is None and "autoattack_eps" not in by["standard-s0"].eval_values
     assert by["sat-fg-eps0.1-s0"].eval_values["autoattack"] == 10 and by["sat-fg-eps0.1-s1"].eval_values["autoattack"] == 0
@@ -190,6 +192,7 @@ def test_plan_blocks_eps_axis_names_and_derived_sources_last(tiny_shards, tmp_pa
     ('fit = { pgd_steps = 2 }', 'fit = { pgd_steps = 2, eps = 0.3 }', "fit must not set eps"),
     ('method = "standard"', 'method = "standard"\ncolour = 1', "unknown key(s) colour"),
     ('sat_final_p = 0.9', 'sat_final_p = 1.5', "sat_final_p=1.5"),
+    ('eval = { autoattack = 0 }', 'eval = { autoattack = -1 }', "autoattack and limit must be >= 0"),
     ('pgd_alpha = "eps/2"', 'pgd_alpha = "eps/two"', "pgd_alpha = 'eps/two' is not a valid float"),
 ])
 def test_bad_study_grids_name_the_problem(tiny_shards, tmp_path, capsys, good, bad, message):

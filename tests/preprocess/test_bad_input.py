@@ -307,15 +307,18 @@ RSS_BOUND_MB = 600  # a build of a few small images peaks near 180 MB here; the 
 
 
 def test_decompression_bomb_is_skipped_and_memory_stays_bounded(tmp_path):
-    """The build runs in a fresh process that reports its own peak RSS (ru_maxrss), so nothing
-    else this test session did can raise or hide the figure."""
+    """The build runs in a fresh process that reports its own peak RSS, so nothing else this test
+    session did can raise or hide the figure. It reads VmHWM (the high-water mark of the process's
+    own address space), not ru_maxrss: Linux carries ru_maxrss across exec, so a child started from
+    a pytest process that has grown to 700 MB would report 700 MB before doing anything."""
     root = tmp_path / "cf"
     for c in ("a", "b"):
         fx.write_jpeg(root / c / "ok.jpg", np.full((40, 50, 3), 120, np.uint8))
     png_bomb(root / "a" / "bomb.png", 20000)
     assert (root / "a" / "bomb.png").stat().st_size < 100_000
-    probe = ("import resource, sys\nfrom preprocess.build_cli import main\nrc = main(sys.argv[1:])\n"
-             "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)\n")
+    probe = ("import re, sys\nfrom preprocess.build_cli import main\nrc = main(sys.argv[1:])\n"
+             "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+             "print('MAXRSS_KB', hwm)\nsys.exit(rc)\n")
     out = tmp_path / "o"
     r = subprocess.run([sys.executable, "-c", probe, "class-folders", "--root", str(root), "--size", "32",
                         "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=600,

@@ -98,6 +98,7 @@ class TrainConfig:
     limit_batches: int = 0  # >0: stop each epoch after this many batches (smoke runs)
     stop_after_epochs: int = 0  # >0: exit after this many epochs in this call, as if preempted (time-sliced jobs); --resume continues
     progress: bool = True
+    tensorboard: bool = False  # also write the per-epoch metrics as TensorBoard events under RUN/tensorboard (pip install 'satpipe[tensorboard]')
     resume: bool = False
     overwrite: bool = False  # replace an existing run folder's results instead of refusing
 
@@ -113,7 +114,7 @@ class TrainConfig:
 # which may change only where the schedule does not depend on it (EPOCH_SCHEDULES; see resume_values).
 RESUMABLE_CHANGES = {"epochs", "num_workers", "progress", "resume", "overwrite", "loader_backend", "loader_decode",
                      "loader_memory_fraction",
-                     "device", "run", "shards", "stop_after_epochs", "verify_shards"}
+                     "device", "run", "shards", "stop_after_epochs", "verify_shards", "tensorboard"}
 # (shards may move on disk: fit checks the manifest fingerprint against the checkpoint instead)
 EPOCH_SCHEDULES = ("cosine", "piecewise")  # their learning-rate curve is laid out over `epochs`
 MAX_SEED = 2**63 - 1

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from sat_train.distortions import LEVELS
+from shards.provenance import provenance, provenance_lines
 
 
 class CompareError(Exception):
@@ -426,6 +427,7 @@ def write_report(runs: list[dict], out: Path, eval_name: str | None, notes: list
                                 for h in dhead[1:]] for r in dist]
         parts += ["## Natural distortions (accuracy %)", "", markdown_table(dhead, dbody), ""]
     parts += ["## Plots", ""] + [f"![{name}]({name})" for name in images] + [""]
+    parts += ["## Provenance", ""] + provenance_lines() + [""]
     warned = [(r["name"], w) for r in runs if r["eval"] and r["method"] == "standard"
               for w in r["eval"].get("sanity", {}).get("warnings", [])]
     if warned or notes:
@@ -433,7 +435,8 @@ def write_report(runs: list[dict], out: Path, eval_name: str | None, notes: list
     atomic_write_json(out / "report.json", {
         "eval_set": eval_name, "groups": {"columns": ghead, "rows": gbody, "numbers": gnumbers},
         "columns": head, "rows": body, "masking": {"columns": mhead, "rows": mbody, "warnings": mwarnings},
-        "notes": notes, "runs": [{k: v for k, v in r.items() if k not in ("eval", "clean_all")} for r in runs]})
+        "notes": notes, "runs": [{k: v for k, v in r.items() if k not in ("eval", "clean_all")} for r in runs],
+        "provenance": provenance()})
     path = out / "report.md"
     atomic_write_bytes(path, "\n".join(parts).encode())  # last: its presence means the report is complete
     return path

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from shards import provenance as P
@@ -91,8 +90,6 @@ def test_report_lines_name_the_commit():
     assert "not a git checkout" in P.describe({**block, "git": None})
 
 
-@pytest.mark.xfail(reason="sat_train/compare.py (D's) does not call shards.provenance yet: the lead adds "
-                          "report.json 'provenance' and the report.md line (see F's report)", strict=False)
 def test_a_report_records_it(tmp_path):
     from sat_train.compare import compare
 

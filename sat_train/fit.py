@@ -15,6 +15,7 @@ each epoch (nccl on CUDA, gloo on CPU). --batch-size is per process (global = N 
                           images_per_s, epoch_time_s, perturbations (batches per kind)
     RUN/checkpoints/last.pt   written atomically after every epoch (see sat_train.checkpoint)
     RUN/summary.json      at the end: method, saliency source, epochs, train time, throughput, final loss/acc
+    RUN/tensorboard/      with --tensorboard: the metrics lines as TensorBoard scalars (step = epoch + 1)
 
 Safety: before the first step the shard set is checked against its manifest (--verify-shards sha256,
 the default: every tar and index byte, hashed in parallel threads; `size`: sizes only) and every label
@@ -105,6 +106,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
     run = RF.resolve_run_dir(cfg)
     if not cfg.shards:
         raise ConfigError("no training shards given (--shards DIR)")
+    if cfg.tensorboard:
+        RF.require_tensorboard()
     resume = RF.prepare_run_dir(cfg, run, info)
     D.barrier(info)
 
@@ -174,6 +177,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
               f"(global {cfg.batch_size * info.world_size}), {steps_per_epoch} steps/epoch, loader {loader.backend}, "
               f"amp {dtype}, epochs {start_epoch}->{cfg.epochs}\nconfig:\n{cfg.pretty()}", file=sys.stderr)
 
+    tb = RF.open_tensorboard(run, start_epoch) if main and cfg.tensorboard else None
     history = []
     last_epoch = cfg.epochs if not cfg.stop_after_epochs else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
     try:
@@ -199,6 +203,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
                 # epoch and drops the line (RF.trim_metrics); the other order could lose an epoch's line
                 with open(run / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
+                if tb is not None:  # with the metrics line, before the checkpoint (purged alike on resume)
+                    RF.write_tensorboard(tb, row, cfg.method)
                 save_checkpoint(checkpoint_path(run), {
                     "model": bare.state_dict(), "model_spec": spec, "config": cfg.to_dict(), "epoch": epoch + 1,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
@@ -208,6 +214,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
             D.barrier(info)
     finally:
         loader.close()
+        if tb is not None:
+            tb.close()
     rows = RF.read_metrics(run / "metrics.jsonl") if main else history
     summary = RF.run_summary(cfg, manifest, run, rows, info, last_epoch)
     if main and last_epoch == cfg.epochs:
@@ -315,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except USER_ERRORS as e:  # a user's mistake, bad data or a diverged run: one line, no traceback
         if info is None or info.is_main:  # under torchrun every rank raises the same: one line, not N
-            print(f"sat-train fit: error: {e}", file=sys.stderr)
+            print(f"sat-train fit: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the last completed epoch is in checkpoints/last.pt
         print("sat-train fit: interrupted; continue with --resume --run RUN", file=sys.stderr)

@@ -4,6 +4,7 @@
     RUN/metrics.jsonl     one JSON line per epoch (written before that epoch's checkpoint)
     RUN/checkpoints/last.pt   atomic, after every epoch (sat_train.checkpoint)
     RUN/summary.json      at the end
+    RUN/tensorboard/      with --tensorboard: the metrics lines as TensorBoard scalars (rank 0)
 
 A folder holds a run once it has a checkpoint or a summary; before that (killed in its first epoch:
 config.json, perhaps a metrics line or a checkpoint's temp file) a plain rerun or --resume starts it.
@@ -18,11 +19,12 @@ from pathlib import Path
 from sat_train import distributed as D
 from sat_train.checkpoint import CheckpointError, checkpoint_path
 from sat_train.config import ConfigError, TrainConfig
-from sat_train.methods import config_tau
+from sat_train.methods import config_tau, uses_curriculum
 from shards.provenance import provenance, satpipe_version
 from shards.storage import atomic_write_bytes
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
+TENSORBOARD_DIR = "tensorboard"
 
 
 def resolve_run_dir(cfg: TrainConfig) -> Path:
@@ -55,6 +57,7 @@ def prepare_run_dir(cfg: TrainConfig, run: Path, info: D.DistInfo) -> bool:
         for name in RUN_FILES:
             (run / name).unlink(missing_ok=True)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run / TENSORBOARD_DIR, ignore_errors=True)
     return False
 
 
@@ -64,6 +67,38 @@ def epoch_line(row: dict, epochs: int, history: list[dict], last_epoch: int) -> 
     left = mean_time * (last_epoch - row["epoch"] - 1)
     return (f"epoch {row['epoch'] + 1}/{epochs}  loss {row['loss']:.4f}  acc {row['train_acc']:.3f}  p {row['p']:.3f}  "
             f"{row['images_per_s']:.0f} img/s  {row['epoch_time_s']:.1f} s  ~{_duration(left)} left")
+
+
+def require_tensorboard() -> None:
+    """--tensorboard without the package: one line, before any data is read (on every rank alike)."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'satpipe[tensorboard]'") from None
+
+
+def open_tensorboard(run: Path, start_epoch: int):
+    """RUN/tensorboard's SummaryWriter (rank 0 only). Step = epochs completed (1 for the first epoch).
+    On resume, events of epochs the checkpoint does not hold (a crash between the metrics line and the
+    checkpoint) are purged, as trim_metrics drops their lines."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run / TENSORBOARD_DIR), purge_step=start_epoch + 1 if start_epoch else None)
+
+
+def tensorboard_scalars(row: dict, method: str) -> dict[str, float]:
+    """{tag: value} of one metrics line: its numbers under their metrics.jsonl names (p only where the
+    curriculum applies, as in the epoch line), batches per perturbation kind as perturbations/KIND."""
+    out = {k: float(v) for k, v in row.items()
+           if k != "epoch" and isinstance(v, (int, float)) and (k != "p" or uses_curriculum(method))}
+    out.update({f"perturbations/{kind}": float(n) for kind, n in row.get("perturbations", {}).items()})
+    return out
+
+
+def write_tensorboard(writer, row: dict, method: str) -> None:
+    for tag, value in tensorboard_scalars(row, method).items():
+        writer.add_scalar(tag, value, global_step=row["epoch"] + 1)
+    writer.flush()  # per epoch: a TensorBoard watching the folder sees the epoch now
 
 
 def _duration(seconds: float) -> str:

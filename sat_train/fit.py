@@ -210,7 +210,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo | None, return_model: bool):
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
                     "classes": list(manifest.classes), "shards_fingerprint": manifest.fingerprint,
                     "shards": str(cfg.shards), "satpipe_version": satpipe_version()})
-                print(RF.epoch_line(row, cfg.epochs, history, last_epoch), file=sys.stderr, flush=True)
+                print(RF.epoch_line(row, cfg.epochs, history, last_epoch, cfg.method), file=sys.stderr, flush=True)
             D.barrier(info)
     finally:
         loader.close()

@@ -61,11 +61,13 @@ def prepare_run_dir(cfg: TrainConfig, run: Path, info: D.DistInfo) -> bool:
     return False
 
 
-def epoch_line(row: dict, epochs: int, history: list[dict], last_epoch: int) -> str:
-    """One line per epoch (also without progress bars, e.g. inside `sat-train experiment`)."""
+def epoch_line(row: dict, epochs: int, history: list[dict], last_epoch: int, method: str) -> str:
+    """One line per epoch (also without progress bars, e.g. inside `sat-train experiment`). p only for
+    the methods that follow SAT's curriculum: the others ignore it (metrics.jsonl keeps it regardless)."""
     mean_time = sum(r["epoch_time_s"] for r in history) / len(history)
     left = mean_time * (last_epoch - row["epoch"] - 1)
-    return (f"epoch {row['epoch'] + 1}/{epochs}  loss {row['loss']:.4f}  acc {row['train_acc']:.3f}  p {row['p']:.3f}  "
+    p = f"p {row['p']:.3f}  " if uses_curriculum(method) else ""
+    return (f"epoch {row['epoch'] + 1}/{epochs}  loss {row['loss']:.4f}  acc {row['train_acc']:.3f}  {p}"
             f"{row['images_per_s']:.0f} img/s  {row['epoch_time_s']:.1f} s  ~{_duration(left)} left")
 
 

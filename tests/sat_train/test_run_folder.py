@@ -74,3 +74,12 @@ def test_tensorboard_without_the_package_is_one_line(tiny_shards, tmp_path, caps
     assert len(err) == 1 and err[0].startswith("sat-train fit: ")
     assert err[0].endswith("--tensorboard needs the tensorboard package: pip install 'satpipe[tensorboard]'")
     assert not (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("method, shows_p", [("standard", False), ("fgsm-rs", False), ("sat+trades", True)])
+def test_the_epoch_line_shows_p_only_for_methods_with_the_curriculum(method, shows_p, tiny_shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    fit(tiny_cfg(tiny_shards(num_samples=32), run, method=method, sat_p=0.25, trades_steps=2))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and all(("  p 0.250  " in line) == shows_p for line in lines), lines
+    assert [r["p"] for r in read_metrics(run)] == [0.25, 0.25]  # metrics.jsonl keeps p for every method

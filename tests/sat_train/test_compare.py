@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from sat_train.compare import (CompareError, compare, group_name, group_runs, load_run, main, make_figures,
-                               pick_eval_name, saliency_kind)
+from sat_train.compare import (CompareError, compare, group_name, group_runs, load_run, main, pick_eval_name,
+                               saliency_kind)
+from sat_train.compare_plots import make_figures
 
 EPS = [1, 2, 4, 8]
 

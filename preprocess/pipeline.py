@@ -23,7 +23,8 @@ import json
 
 import cv2
 import numpy as np
-from kernels.raster import polygon_rings, rasterize_boxes, rasterize_polygons, rle_to_mask
+from kernels.raster import polygon_rings, rasterize_boxes, rasterize_polygons
+from kernels.rle import rle_to_mask
 from kernels.saliency import foreground_mask, mask_to_saliency_u8
 
 from shards.format import encode_label, sanitize_key

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from kernels.raster import (pack_objects, polygon_rings, rasterize_boxes, rasterize_polygons,
-                            rle_to_mask)
+from kernels.raster import pack_objects, polygon_rings, rasterize_boxes, rasterize_polygons
+from kernels.rle import rle_to_mask
 
 SIZES = (32, 64, 128)
 # pycocotools 2.0.11 under numpy 2 warns on every decode; not ours to fix

@@ -203,8 +203,8 @@ def test_forkserver_preload_warms_every_kernel_path():
     import subprocess
     import sys
     script = ("import preprocess.forkserver_preload\n"
-              "from kernels import raster as r, saliency as s\n"
-              "for f in (r._rasterize_polygons, r._rasterize_boxes, r._resample_mask, s._foreground):\n"
+              "from kernels import raster as r, rle, saliency as s\n"
+              "for f in (r._rasterize_polygons, r._rasterize_boxes, rle._resample_mask, s._foreground):\n"
               "    print(len(f.signatures))\n"
               "print(len(s._saliency_u8.signatures))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

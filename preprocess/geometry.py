@@ -6,6 +6,11 @@ decoded at a reduced size (libjpeg's DCT scaling, `cv2.IMREAD_REDUCED_*`), so an
 `scale` (image px = source px * scale). `Crop` rounds the window to whole image pixels once and
 then maps source coordinates to output pixels, so the image crop and every rasterized shape go
 through exactly the same geometry.
+
+Why one file over 350 lines: decoding and cropping share that `scale` contract (the reduction a decode
+may take is bounded by the smallest crop it must serve, `reduction_for`/`reduce_if_large`, and `Crop`
+reads the scale back), so a change to one side is checked against the other here; the decode half
+also guards untrusted files (header sniffing, pixel limits, paths) before OpenCV sees them.
 """
 from __future__ import annotations
 

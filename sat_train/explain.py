@@ -50,6 +50,10 @@ Grad-CAM++ (a plain pass for the CAM, a guided one for the gradient), one over t
 Batching: each map depends only on its own image (the model runs in eval mode; SmoothGrad's noise is
 drawn from a generator seeded by (seed, sample key)), so batched maps equal per-image maps up to
 float rounding, and a map does not change with batch size, shard or resume.
+
+Why one file over 350 lines: a sixth of it is the conventions above (what differs from the reference
+and why); the explainers share ExplainConfig, target selection, channel reduction and normalization,
+and are best checked against each other in one place (deletion_check, tests/sat_train/test_explain.py).
 """
 from __future__ import annotations
 

@@ -29,6 +29,10 @@ Layout and guarantees (as build-shards, but without depending on preprocess/):
 - `workers > 1` derives whole shards in spawned processes; a shard's bytes do not depend on the process.
 - The digest covers the input's exact bytes (its shard sha256s) and the derivation's name and params,
   not paths, batch size or device (those go to `derived_from.execution`).
+
+Why one file over 350 lines: the plan, the per-shard sidecars, the shard work and the output manifest
+are one contract (the layout and guarantees above) that resume relies on; split, a change to one of
+them could no longer be read against the others.
 """
 from __future__ import annotations
 

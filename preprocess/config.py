@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+# ConfigError: a user mistake in the configuration (one line, exit 2), the same class for every command
+from shards.cli import Config, ConfigError, option  # noqa: F401  (ConfigError re-exported)
 
 UNITS = ("auto", "object", "image")
 IMAGE_FORMATS = ("jpg", "png", "raw")
@@ -28,57 +31,60 @@ PATH_FIELDS = ("root", "annotations", "images")
 LATER_FIELDS = ("max_pixels", "allow_outside_root")
 
 
-class ConfigError(ValueError):
-    """A user mistake in the build configuration (reported as one line, exit 2)."""
-
-
 @dataclass
-class BuildConfig:
-    source: str = "coco"
-    split: str = "train"
+class BuildConfig(Config):
+    source: str = option("coco", "dataset reader (the positional SOURCE)")
+    split: str = option("train", "split name: train/val/test; one shard set (and manifest) per split")
     # inputs (meaning depends on the source; see `preprocess build-shards SOURCE --help`)
-    root: str = ""  # dataset folder
-    annotations: str = ""  # annotation file (COCO json)
-    images: str = ""  # image folder
-    source_options: dict = field(default_factory=dict)  # source-specific options (validated by the source)
+    root: str = option("", "dataset folder (sources that read a folder layout)")
+    annotations: str = option("", "annotation file (COCO: instances JSON)")
+    images: str = option("", "image folder (COCO: defaults to the annotation file's folder)")
+    source_options: dict = option({}, "source-specific options (validated by the source)")
     # what a sample is and how it looks
-    unit: str = "auto"  # object: one sample per annotated object; image: one per image; auto: the source's first
-    size: int = 0  # output side in pixels (square); 0 = the source's default_size (64 when it has none)
-    image_format: str = "jpg"
-    jpeg_quality: int = 90
-    saliency: str = "auto"  # auto = the best the source has (mask > box > foreground)
-    sigma_frac: float = 0.05  # Gaussian sigma as a fraction of `size`; 0 = the paper's hard map
-    foreground_threshold: float = 16.0  # grey levels a pixel must differ from the border colour to be foreground
-    context: float = 0.25  # margin around an object box, as a fraction of its longer side, each side
-    min_box: float = 2.0  # objects whose box side is below this many source pixels are skipped
+    unit: str = option("auto", "object: one sample per annotated object (square crop + context); image: one per "
+                       "image; auto: the source's default (COCO/VOC: object; classification sets: image)",
+                       choices=UNITS)
+    size: int = option(0, "output side in pixels (square; image and saliency share the geometry); 0 = the source's "
+                       "default (64 when it has none)")
+    image_format: str = option("jpg", "jpg (see --jpeg-quality), png (lossless) or raw (HxWxC uint8, for tiny images)",
+                               choices=IMAGE_FORMATS)
+    jpeg_quality: int = option(90, "JPEG quality 1-100")
+    saliency: str = option("auto", "auto (mask if annotated, else foreground), mask, box (coarser map), foreground, "
+                           "foreground-box (the foreground's bounding box: the coarser map where there are no boxes), "
+                           "none (s=0)", choices=SALIENCY_KINDS)
+    sigma_frac: float = option(0.05, "Gaussian blur sigma as a fraction of --size; 0 = the paper's hard map")
+    foreground_threshold: float = option(16.0, "foreground = pixels differing from the border colour by more than "
+                                         "this many grey levels")
+    context: float = option(0.25, "margin around an object's box, as a fraction of its longer side, on each side")
+    min_box: float = option(2.0, "skip objects whose box is smaller than this many source pixels")
     # input safety (issue 16): what is read at all
-    max_pixels: int = 100_000_000  # images whose header declares more pixels are skipped, never decoded
-    allow_outside_root: bool = False  # read image paths from annotations that resolve outside the dataset folder
+    max_pixels: int = option(100_000_000, "skip (count as 'image too large') images whose header declares more "
+                             "pixels than this; they are never decoded (a decompression bomb cannot exhaust memory)")
+    allow_outside_root: bool = option(False, "read image files that annotations place outside the dataset folder "
+                                      "(absolute paths, '..', symlinks leading out); without it they are skipped as "
+                                      "'path outside root'")
     # shards
-    shard_size: int = 1000  # samples per shard
-    seed: int = 0
+    shard_size: int = option(1000, "samples per shard")
+    seed: int = option(0, "shuffle seed (which samples share a shard, and their order)")
     # running
-    out: str = ""
-    workers: int = 1
-    num_nodes: int = 1
-    node_rank: int = 0
-    overwrite: bool = False
-    progress: bool = True
-    executor: str = "local"  # local: --workers processes here; ray: one Ray task per shard (preprocess/ray_executor.py)
-    ray_address: str = ""  # a running Ray cluster to join; empty: start a local instance with --workers CPUs
-    retries: int = 2  # --executor ray: a failed shard task is tried again this many times
-
-    def __post_init__(self):
-        self.validate()
+    out: str = option("", "output folder, or a URL such as s3://bucket/prefix (credentials: the S3 client's own "
+                      "chain; see preprocess/remote_out.py)", default_help="shards/SOURCE/SPLIT")
+    workers: int = option(1, "worker processes; each writes whole shards")
+    num_nodes: int = option(1, "split the shards over this many machines (each runs with its --node-rank)")
+    node_rank: int = option(0, "which part of a --num-nodes build this run writes")
+    overwrite: bool = option(False, "replace an existing build with a different config or inputs")
+    progress: bool = option(True, "show a progress bar")
+    executor: str = option("local", "local: --workers processes on this machine; ray: one Ray task per shard over a "
+                           "Ray cluster (pip install 'satpipe[ray]'), same bytes", choices=EXECUTORS)
+    ray_address: str = option("", "with --executor ray: the cluster to join (e.g. HOST:6379); empty: start a local "
+                              "Ray instance with --workers CPUs")
+    retries: int = option(2, "with --executor ray: times a failed shard task is tried again before the build stops")
 
     def validate(self) -> None:
         def need(ok: bool, msg: str):
             if not ok:
                 raise ConfigError(msg)
 
-        need(self.unit in UNITS, f"--unit must be one of {UNITS}, got {self.unit!r}")
-        need(self.image_format in IMAGE_FORMATS, f"--image-format must be one of {IMAGE_FORMATS}")
-        need(self.saliency in SALIENCY_KINDS, f"--saliency must be one of {SALIENCY_KINDS}, got {self.saliency!r}")
         need(self.size == 0 or 8 <= self.size <= 1024, f"--size must be 0 (auto) or in [8, 1024], got {self.size}")
         need(1 <= self.jpeg_quality <= 100, f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}")
         need(0.0 <= self.sigma_frac <= 1.0, f"--sigma-frac must be in [0, 1], got {self.sigma_frac}")
@@ -93,25 +99,12 @@ class BuildConfig:
         need(0 <= self.node_rank < self.num_nodes, f"--node-rank must be in [0, {self.num_nodes}), got {self.node_rank}")
         need(bool(self.split) and "/" not in self.split and not self.split.startswith("."),
              f"--split must be a plain name, got {self.split!r}")
-        need(self.executor in EXECUTORS, f"--executor must be one of {EXECUTORS}, got {self.executor!r}")
         need(type(self.retries) is int and self.retries >= 0, f"--retries must be >= 0, got {self.retries!r}")
         need(self.executor == "ray" or not self.ray_address, "--ray-address needs --executor ray")
         need(self.executor == "local" or self.num_nodes == 1,
              "--executor ray spreads the shards over the cluster itself; --num-nodes is for builds without Ray")
 
     # ------------------------------------------------------------------ (de)serialization
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BuildConfig":
-        """Build from a dict, rejecting unknown keys (a typo must not be silently ignored)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def saved(self) -> dict:
         """What goes into manifest.json: everything that decides the output bytes, plus input paths."""
@@ -125,5 +118,4 @@ class BuildConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def __str__(self) -> str:
-        width = max(len(f.name) for f in dataclasses.fields(self))
-        return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in self.to_dict().items())
+        return self.pretty()

@@ -10,7 +10,6 @@ commit, library versions) is written just before the manifest.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
 from shards.provenance import satpipe_version, write_provenance
 from shards.storage import atomic_write_json, is_url
 from preprocess.plan import BuildError, read_json, shard_done, state_dir, ShardPlan
+from shards.cli import CommandParser
 
 MAX_EXAMPLES = 5  # skipped ids kept per reason in the manifest (all are counted)
 
@@ -107,11 +107,14 @@ def finalize(out: Path) -> dict:
     return write_manifest(out, header, sides)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="preprocess finalize", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CommandParser:
+    ap = CommandParser("preprocess finalize", __doc__)
     ap.add_argument("dir", help="output folder that every node wrote into")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if is_url(args.dir):  # only --num-nodes builds need finalize, and those write to a shared folder
         print(f"preprocess finalize: {args.dir}: a build to a URL writes its own manifest (multi-node builds to "
               "object storage use --executor ray)", file=sys.stderr)

@@ -6,13 +6,13 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from shards import provenance
 from shards.format import ShardFormatError
 from shards.manifest import read_manifest
+from shards.cli import CommandParser
 
 
 def _size(n: float) -> str:
@@ -70,12 +70,15 @@ def describe(root) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="preprocess info", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CommandParser:
+    ap = CommandParser("preprocess info", __doc__)
     ap.add_argument("dir", help="shard set folder or URL (s3://bucket/prefix, https://...) holding manifest.json")
     ap.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.json:
             print(json.dumps(read_manifest(args.dir).raw, indent=2, sort_keys=True))

@@ -11,7 +11,6 @@ so they already mix classes). Reads and decodes with shards/reading.py; the set 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from shards.manifest import check_shard_files, read_manifest
 from shards.reading import decode_sample, iter_tar_samples
 from shards.storage import atomic_write
 from preprocess.info import saliency_summary
+from shards.cli import CommandParser
 
 PANEL_INCHES = 1.4
 DPI = 100
@@ -117,14 +117,17 @@ def grid_title(root, manifest, shown: int) -> str:
             f"{info['format']}, saliency {saliency_summary(manifest.raw)}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="preprocess preview", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CommandParser:
+    ap = CommandParser("preprocess preview", __doc__)
     ap.add_argument("dir", help="shard set folder or URL (s3://bucket/prefix, https://...) with manifest.json")
     ap.add_argument("--out", required=True, help="PNG file to write")
     ap.add_argument("--n", type=int, default=16, help="number of samples (default: 16)")
     ap.add_argument("--cols", type=int, default=0, help="samples per row (default: about sqrt(n))")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not 1 <= args.n <= 400:
         print(f"preprocess preview: --n must be in [1, 400], got {args.n}", file=sys.stderr)
         return 2

@@ -17,12 +17,12 @@ manifest last, recording the derivation (`shuffle-saliency`, seed) and IN's fing
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
 import sys
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from shards.format import SALIENCY_EXT, ShardFormatError, TAR_BLOCK, split_membe
 from shards.manifest import Manifest, read_manifest
 from shards.reading import read_dali_index
 from preprocess.tar_fast import FastShardWriter
+from shards.cli import CommandParser, Config, ConfigError, add_fields, add_progress, fail, from_file_and_flags, option
 
 DERIVATION = "shuffle-saliency"
 MAX_OPEN_TARS = 16
@@ -146,19 +147,40 @@ def shuffle_saliency(in_dir, out_dir, seed: int, *, batch_size: int = 1024, over
         reader.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="preprocess shuffle-saliency", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+@dataclass
+class ShuffleConfig(Config):
+    seed: int = option(0, "seed of the derangement (which image gets which map)")
+    batch_size: int = option(1024, "maps read per batch (memory only)")
+    workers: int = option(1, "shards written by N processes")
+    overwrite: bool = option(False, "replace whatever else OUT holds (an output of this very derivation is kept and "
+                             "resumed anyway)")
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.workers < 1:
+            raise ConfigError("batch_size and workers must be >= 1")
+
+
+PROG = "preprocess shuffle-saliency"
+
+
+def build_parser() -> CommandParser:
+    ap = CommandParser(PROG, __doc__)
     ap.add_argument("input", metavar="IN_SHARDS", help="input shard set (folder with manifest.json)")
-    ap.add_argument("--out", required=True, metavar="OUT_SHARDS", help="output shard set folder")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the derangement (default 0)")
-    ap.add_argument("--batch-size", type=int, default=1024, help="maps read per batch (memory only; default 1024)")
-    ap.add_argument("--workers", type=int, default=1, help="shards written by N processes (default 1)")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="replace whatever else OUT holds (an output of this very derivation is kept and resumed anyway)")
-    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", required=True, metavar="OUT_SHARDS", help="output shard set folder to write")
+    ap.add_argument("--config", metavar="FILE.toml", help="TOML file of the option keys below; flags override it")
+    add_fields(ap, ShuffleConfig)
+    add_progress(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    prog = PROG
+    args = build_parser().parse_args(argv)
+    try:
+        (cfg,) = from_file_and_flags((ShuffleConfig,), args, args.config)
+    except ConfigError as e:
+        return fail(prog, str(e))
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    return run_command("preprocess shuffle-saliency", args.out, lambda: shuffle_saliency(
-        Path(args.input), Path(args.out), args.seed, batch_size=args.batch_size, overwrite=args.overwrite,
-        progress=not args.no_progress, log=log, workers=args.workers))
+    return run_command(prog, args.out, lambda: shuffle_saliency(
+        Path(args.input), Path(args.out), cfg.seed, batch_size=cfg.batch_size, overwrite=cfg.overwrite,
+        progress=args.progress, log=log, workers=cfg.workers))

@@ -14,7 +14,6 @@ still valid).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from tqdm import tqdm
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from shards.format import CLS_EXT, LABEL_EXT, META_EXT, SALIENCY_EXT, ShardFormatError
 from shards.manifest import Manifest, check_shard_files, read_manifest, unlisted_files
 from shards.reading import DECODERS, iter_members, missing_components, read_dali_index
+from shards.cli import CommandParser, add_progress
 
 MAX_PER_SHARD = 10  # problem lines per shard before summarising (a broken shard is broken)
 
@@ -90,16 +90,19 @@ def verify(root, progress: bool = True) -> list[str]:
     return problems
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="preprocess verify", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CommandParser:
+    ap = CommandParser("preprocess verify", __doc__)
     ap.add_argument("dir", help="shard set folder or URL (s3://bucket/prefix, https://...) holding manifest.json")
-    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = ap.parse_args(argv)
+    add_progress(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     root = args.dir
     try:
         m = read_manifest(root)
-        problems = verify(m, progress=not args.no_progress)
+        problems = verify(m, progress=args.progress)
         notes = warnings(m)
     except ShardFormatError as e:
         print(f"preprocess verify: {e}", file=sys.stderr)

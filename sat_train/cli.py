@@ -4,6 +4,15 @@
     sat-train eval runs/sat --shards shards/fashion-mnist/test
     sat-train compare runs/* --out report/
     sat-train experiment grid.toml
+
+Conventions shared by every command (sat-train and preprocess alike; shards/cli.py implements them):
+    inputs are positional (run folders, shard sets; fit's training set is --shards, as in eval);
+    what a command writes is --out: eval a results JSON file, compare a report folder, teacher-saliency
+    a shard set folder; fit writes its run folder, --run (also spelled --out and, for torchrun, --run-dir).
+    --config FILE.toml holds the command's flags as keys (shard_size for --shard-size; JSON is read too);
+    flags override it; unknown keys are an error. eps and every pixel budget is in [0, 1] units, written
+    8/255 or 0.0314. --progress/--no-progress on every command that draws a bar. A user error is one
+    line, `sat-train COMMAND: message`, exit 2.
 """
 from __future__ import annotations
 
@@ -21,8 +30,9 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: sat-train COMMAND [options]   (sat-train COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "\n".join(lines)
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines + ["", __doc__.split("\n\n", 2)[2].strip()])
 
 
 def main(argv: list[str] | None = None) -> int:

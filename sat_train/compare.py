@@ -25,13 +25,13 @@ the same run dicts, and the CLI stays with them; the figures are apart (sat_trai
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 from pathlib import Path
 
 from sat_train.distortions import LEVELS
+from shards.cli import CommandParser, fail
 from shards.provenance import provenance, provenance_lines
 
 
@@ -384,19 +384,22 @@ def compare(run_dirs, out, eval_name=None) -> tuple[Path, list[dict], list[str]]
     return write_report(runs, Path(out), name, notes), runs, notes
 
 
+def build_parser() -> CommandParser:
+    p = CommandParser("sat-train compare", __doc__)
+    p.add_argument("runs", nargs="+", help="run folders (written by sat-train fit, evaluated by sat-train eval): the "
+                   "inputs")
+    p.add_argument("--out", default="report", help="report folder to write (default: report)")
+    p.add_argument("--eval", dest="eval_name", help="evaluation set name: RUN/eval/<NAME>.json (default: the one "
+                   "every run has)")
+    return p
+
+
 def main(argv=None) -> int:
-    opening, rest = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(prog="sat-train compare", description=opening,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
-    p.add_argument("runs", nargs="+", help="run folders (written by sat-train fit, evaluated by sat-train eval)")
-    p.add_argument("--out", default="report", help="report folder (default report/)")
-    p.add_argument("--eval", dest="eval_name", help="evaluation set name: RUN/eval/<NAME>.json")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         path, runs, notes = compare(args.runs, args.out, args.eval_name)
     except CompareError as e:
-        print(f"sat-train compare: error: {e}", file=sys.stderr)
-        return 2
+        return fail("sat-train compare", str(e))
     print(path.read_text())
     print(f"report: {path}")
     return 0

@@ -1,6 +1,7 @@
 """`TrainConfig`: every knob of `sat-train fit`, from a TOML file and/or flags (flags win).
 
-    sat-train fit --config fit.toml --epochs 5          # fit.toml holds TrainConfig keys at top level
+    sat-train fit --config fit.toml --epochs 5          # TrainConfig keys at top level or in one [fit] table
+    sat-train fit --shards shards/fm/train --eps 8/255 --run runs/sat   # eps: 8/255 or 0.0314, [0, 1] units
 
 Unknown keys (file) and unknown flags are rejected. The config is printed at start and saved as
 RUN/config.json. Semantics worth knowing:
@@ -21,93 +22,102 @@ RUN/config.json. Semantics worth knowing:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import math
-import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from sat_train.loader import BACKENDS as LOADER_BACKENDS
 from sat_train.methods import ATTACK_BN_MODES, METHODS
-from sat_train.models import check_arch
+from sat_train.models import ARCHS, check_arch
+from shards.cli import CommandParser, Config, ConfigError, add_fields, coerce_field, field_names, option, read_config
+from shards.cli import non_finite  # noqa: F401  (re-exported: evaluate and tests check configs with it)
 from shards.manifest import VERIFY_MODES
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "piecewise", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-
-
-class ConfigError(Exception):
-    """A config file or flag is wrong; the message names the source and the problem."""
+DEVICES = ("auto", "cpu", "cuda")
+DECODE_MODES = ("auto", "gpu", "cpu")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     # data
-    shards: str = ""  # training shard set: folder or URL (s3://bucket/prefix, https://...) with manifest.json; required
-    run: str = ""  # run folder; default runs/<method>
-    loader_backend: str = "auto"  # "auto" | "dali" | "torch" | "device" (see sat_train.loader)
-    loader_memory_fraction: float = 0.5  # device backend: share of free GPU memory / available RAM the decoded set may use
-    loader_decode: str = "auto"  # DALI on CUDA: "gpu" (nvJPEG) | "cpu" (threads, then one copy) | "auto" (cpu <= 64x64)
-    num_workers: int = 2
-    verify_shards: str = "sha256"  # check shard files at start: "sha256" (every byte, the default) | "size" (cheap)
-    augment: bool = True  # random crop (pad crop_padding) + horizontal flip, shared by image and saliency
-    crop_padding: int = 4
-    flip: bool = True
+    shards: str = option("", "training shard set: folder or URL (s3://bucket/prefix, https://...) with manifest.json "
+                         "(required)", metavar="SHARDS", default_help="")
+    # --run-dir: torchrun's own parser takes `--run` for an abbreviation of its --run-path
+    run: str = option("", "run folder to write (checkpoints, metrics, config.json); --out and --run-dir are the same "
+                      "flag (under torchrun spell it --run-dir: torchrun reads --run as its --run-path)",
+                      aliases=("--out", "--run-dir"), metavar="RUN", default_help="runs/METHOD")
+    loader_backend: str = option("auto", "data loader (see sat_train.loader): auto picks dali on CUDA when installed",
+                                 choices=LOADER_BACKENDS)
+    loader_memory_fraction: float = option(0.5, "device backend: share of free GPU memory / available RAM the "
+                                           "decoded set may use, in (0, 1]")
+    loader_decode: str = option("auto", "DALI on CUDA: gpu (nvJPEG), cpu (threads, then one copy), auto (cpu up to "
+                                "64x64 px)", choices=DECODE_MODES)
+    num_workers: int = option(2, "loader worker processes (torch backend)")
+    verify_shards: str = option("sha256", "check shard files at start: sha256 (every byte) or size (cheap)",
+                                choices=VERIFY_MODES)
+    augment: bool = option(True, "random crop (pad --crop-padding) + horizontal flip, shared by image and saliency")
+    crop_padding: int = option(4, "pixels of padding before the random crop")
+    flip: bool = option(True, "random horizontal flip (with --augment)")
     # model
-    arch: str = "cnn4"  # see sat_train.models.ARCHS; resnet18 / preact-resnet18 / wrn-34-10 on a GPU
-    # method
-    method: str = "sat"
-    eps: float = 8 / 255  # L-inf radius of every perturbation, in [0, 1] pixel units
-    sat_a: float = 0.6  # curriculum base: p = 1 - sat_a ** (epoch / sat_tau)
-    sat_p: typing.Optional[float] = None  # fixed p instead of the curriculum
-    sat_tau: float = 10.0  # curriculum time scale: p = 1 - sat_a ** (epoch / sat_tau); 10 = the paper's (for 100 epochs)
-    sat_final_p: typing.Optional[float] = None  # instead of sat_tau: the p of the last epoch (tau solved from epochs)
-    sat_per_pixel: bool = False  # Bernoulli per pixel (shared by channels) instead of per element
-    mix_prob: float = 0.5  # sat+pgd / sat+trades: probability that a batch gets the SAT perturbation
-    pgd_steps: int = 7
-    pgd_alpha: float = 2 / 255
-    trades_beta: float = 6.0
-    trades_steps: int = 10  # TRADES inner maximization steps (Zhang et al. 2019 use 10), step pgd_alpha
-    fgsm_alpha: float = 1.25  # fgsm-rs step as a multiple of eps (Wong et al. 2020)
-    attack_bn: str = "auto"  # BatchNorm mode while crafting attacks: auto (as the literature) | train | eval
-    clean_acc_every: int = 10  # methods that train on perturbed inputs measure clean accuracy every k batches
+    arch: str = option("cnn4", f"model architecture: {', '.join(ARCHS)} (k: widen factor, e.g. wrn-34-10); "
+                       "resnet18 / preact-resnet18 / wrn-34-10 want a GPU")
+    # method: these fields are the method's hyper-parameters (sat_train.methods.Method reads them from here)
+    method: str = option("sat", "training objective (see sat_train.methods)", choices=METHODS)
+    eps: float = option(8 / 255, "L-inf radius of every perturbation, in [0, 1] pixel units; write 8/255 or 0.0314",
+                       default_help="8/255")
+    sat_a: float = option(0.6, "SAT curriculum base, in (0, 1]: p = 1 - sat_a ** (epoch / sat_tau)")
+    sat_p: typing.Optional[float] = option(None, "SAT: a fixed p in [0, 1] instead of the curriculum")
+    sat_tau: float = option(10.0, "SAT curriculum time scale: p = 1 - sat_a ** (epoch / sat_tau); 10 = the paper's "
+                            "(made for 100 epochs)")
+    sat_final_p: typing.Optional[float] = option(None, "SAT, instead of sat_tau: the p of the last epoch (tau solved "
+                                                 "from epochs)")
+    sat_per_pixel: bool = option(False, "SAT: one Bernoulli draw per pixel (shared by channels) instead of per element")
+    mix_prob: float = option(0.5, "sat+pgd / sat+trades: probability that a batch gets the SAT perturbation")
+    pgd_steps: int = option(7, "PGD training attack: steps (random start)")
+    pgd_alpha: float = option(2 / 255, "PGD / TRADES inner step size, in [0, 1] pixel units (2/255 or 0.0078)",
+                              default_help="2/255")
+    trades_beta: float = option(6.0, "TRADES: weight of the KL (robustness) term")
+    trades_steps: int = option(10, "TRADES inner maximization steps (Zhang et al. 2019 use 10), step pgd_alpha")
+    fgsm_alpha: float = option(1.25, "fgsm-rs step as a multiple of eps (Wong et al. 2020)")
+    attack_bn: str = option("auto", "BatchNorm mode while crafting training attacks: auto (as each method's "
+                            "reference code), train or eval", choices=ATTACK_BN_MODES)
+    clean_acc_every: int = option(10, "methods that train on perturbed inputs measure clean accuracy every k batches")
     # optimization
-    epochs: int = 20
-    batch_size: int = 128  # per process
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    adam_betas: typing.Tuple[float, float] = (0.9, 0.999)
-    schedule: str = "cosine"
-    milestones: typing.Tuple[float, ...] = (0.5, 0.75)  # piecewise: fractions of training where lr *= gamma
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
+    epochs: int = option(20, "passes over the shard set (the cosine and piecewise schedules are laid over them)")
+    batch_size: int = option(128, "batch size PER PROCESS (global batch = processes x batch size)")
+    optimizer: str = option("sgd", "optimizer", choices=OPTIMIZERS)
+    lr: float = option(0.1, "learning rate, used as given whatever the world size (scale it yourself)")
+    momentum: float = option(0.9, "SGD momentum, in [0, 1)")
+    nesterov: bool = option(False, "SGD with Nesterov momentum")
+    weight_decay: float = option(5e-4, "L2 weight decay")
+    adam_betas: typing.Tuple[float, float] = option((0.9, 0.999), "Adam betas, two numbers: B1,B2")
+    schedule: str = option("cosine", "learning-rate schedule", choices=SCHEDULES)
+    milestones: typing.Tuple[float, ...] = option((0.5, 0.75), "piecewise: fractions of training where lr *= gamma")
+    gamma: float = option(0.1, "piecewise: lr factor at each milestone")
+    warmup_epochs: float = option(0.0, "linear learning-rate warm-up, in epochs (fractions allowed)")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy, in [0, 1)")
     # execution
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto = bf16 on CUDA, off on CPU
-    channels_last: bool = True  # on CUDA only
-    compile: bool = False  # torch.compile the model
-    deterministic: bool = False  # torch.use_deterministic_algorithms + no cudnn benchmark
-    limit_batches: int = 0  # >0: stop each epoch after this many batches (smoke runs)
-    stop_after_epochs: int = 0  # >0: exit after this many epochs in this call, as if preempted (time-sliced jobs); --resume continues
-    progress: bool = True
-    tensorboard: bool = False  # also write the per-epoch metrics as TensorBoard events under RUN/tensorboard (pip install 'satpipe[tensorboard]')
-    resume: bool = False
-    overwrite: bool = False  # replace an existing run folder's results instead of refusing
+    seed: int = option(0, "seed of the model init, shuffling, augmentation and perturbations")
+    device: str = option("auto", "where to train: auto = cuda when available", choices=DEVICES)
+    amp: str = option("auto", "mixed precision: auto = bf16 on CUDA, off on CPU", choices=AMP_MODES)
+    channels_last: bool = option(True, "NHWC tensors for the model (on CUDA only)")
+    compile: bool = option(False, "torch.compile the model")
+    deterministic: bool = option(False, "torch.use_deterministic_algorithms + no cudnn benchmark")
+    limit_batches: int = option(0, ">0: stop each epoch after this many batches (smoke runs)")
+    stop_after_epochs: int = option(0, ">0: exit after this many epochs in this call, as if preempted (time-sliced "
+                                    "jobs); --resume continues")
+    progress: bool = option(True, "progress bar on a terminal (the per-epoch line is printed either way)")
+    tensorboard: bool = option(False, "also write the per-epoch metrics as TensorBoard events under RUN/tensorboard "
+                               "(pip install 'satpipe[tensorboard]')")
+    resume: bool = option(False, "continue the run in --run from its last checkpoint, with its saved config (only "
+                          "runtime fields may change)")
+    overwrite: bool = option(False, "replace an existing run folder's results instead of refusing")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def pretty(self) -> str:
-        width = max(len(f.name) for f in dataclasses.fields(self))
-        return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in self.to_dict().items())
+    def validate(self) -> None:
+        validate(self)
 
 
 # Fields that may differ between a run and its --resume (they do not change the math), and `epochs`,
@@ -118,97 +128,28 @@ RESUMABLE_CHANGES = {"epochs", "num_workers", "progress", "resume", "overwrite",
 # (shards may move on disk: fit checks the manifest fingerprint against the checkpoint instead)
 EPOCH_SCHEDULES = ("cosine", "piecewise")  # their learning-rate curve is laid out over `epochs`
 MAX_SEED = 2**63 - 1
-_HINTS = typing.get_type_hints(TrainConfig)
-
-
-def _coerce(name: str, value, source: str):
-    """Check/convert one value to the field's type; ConfigError names the source and key."""
-    hint = _HINTS[name]
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    try:
-        if origin is typing.Union:  # Optional[float]
-            if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
-                return None
-            return _coerce_plain(args[0], value)
-        if origin is tuple:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            inner = args[0]
-            out = tuple(_coerce_plain(inner, v) for v in items)
-            if args[-1] is not Ellipsis and len(out) != len(args):
-                raise ValueError(f"needs {len(args)} values")
-            return out
-        return _coerce_plain(hint, value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: {name} = {value!r} is not a valid {getattr(hint, '__name__', hint)} ({e})") from None
-
-
-def _coerce_plain(typ, value):
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ValueError("expected true/false")
-    if typ is int and isinstance(value, (bool, float)):
-        raise TypeError("expected an integer")
-    if typ is float and isinstance(value, bool):
-        raise TypeError("expected a number")
-    if typ is str and not isinstance(value, str):
-        raise TypeError("expected a string")
-    return typ(value)
-
-
-def read_toml(path: str | Path, error: type[Exception] | None = None, what: str = "config file") -> dict:
-    """Parse a TOML file; a missing or malformed file raises `error` (ConfigError by default) as one line.
-    Shared by fit, eval and experiment configs."""
-    path, error = Path(path), error or ConfigError
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise error(f"{path}: no such {what}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise error(f"{path}: not valid TOML ({e})") from None
 
 
 def load_toml(path: str | Path) -> dict:
-    path = Path(path)
-    data = read_toml(path)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{path}: unknown config key(s) {', '.join(unknown)} (see sat-train fit --help)")
-    return {k: _coerce(k, v, str(path)) for k, v in data.items()}
+    """TrainConfig keys of a TOML file (top level, or a file holding only a [fit] table), coerced; JSON
+    (a saved config.json) is read too. Unknown keys are refused naming the file."""
+    data = read_config(path, TrainConfig, table="fit")
+    return {k: coerce_field(TrainConfig, k, v, str(path)) for k, v in data.items()}
 
 
 def from_dict(values: dict, source: str = "config") -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"{source}: unknown config key(s) {', '.join(unknown)}")
-    cfg = TrainConfig(**{k: _coerce(k, v, source) for k, v in values.items()})
-    validate(cfg)
-    return cfg
+    return TrainConfig.from_dict(values, source)
 
 
 def load_saved(path: str | Path) -> dict:
-    """Values of a saved RUN/config.json (for --resume)."""
+    """Values of a saved RUN/config.json (for --resume); keys of other satpipe versions are left out."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read the run's config ({e})") from None
-    return {k: _coerce(k, v, str(path)) for k, v in data.items() if k in _HINTS}
-
-
-def non_finite(obj) -> list[str]:
-    """Fields of a config dataclass holding nan or inf (alone, in a tuple or in a list)."""
-    bad = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        items = value if isinstance(value, (tuple, list)) else (value,)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
-            bad.append(f"{f.name} = {value!r}")
-    return bad
+        data = read_config(path, what="run config")
+    except ConfigError as e:
+        raise ConfigError(f"cannot read the run's config: {e}") from None
+    names = field_names(TrainConfig)
+    return {k: coerce_field(TrainConfig, k, v, str(path)) for k, v in data.items() if k in names}
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -216,23 +157,11 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    bad = non_finite(cfg)
-    need(not bad, f"{', '.join(bad)}: every number must be finite")
-    need(cfg.method in METHODS, f"method {cfg.method!r} is not one of {', '.join(METHODS)}")
     try:
         check_arch(cfg.arch)
     except ValueError as e:
         raise ConfigError(f"arch: {e}") from None
-    need(cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    need(cfg.schedule in SCHEDULES, f"schedule {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
-    need(cfg.amp in AMP_MODES, f"amp {cfg.amp!r} is not one of {', '.join(AMP_MODES)}")
-    need(cfg.attack_bn in ATTACK_BN_MODES, f"attack_bn {cfg.attack_bn!r} is not one of {', '.join(ATTACK_BN_MODES)}")
-    need(cfg.device in ("auto", "cpu", "cuda"), f"device {cfg.device!r} is not auto, cpu or cuda")
-    need(cfg.loader_backend in LOADER_BACKENDS,
-         f"loader_backend {cfg.loader_backend!r} is not one of {', '.join(LOADER_BACKENDS)}")
     need(0 < cfg.loader_memory_fraction <= 1, f"loader_memory_fraction={cfg.loader_memory_fraction} must be in (0, 1]")
-    need(cfg.loader_decode in ("auto", "gpu", "cpu"), f"loader_decode {cfg.loader_decode!r} is not auto, gpu or cpu")
-    need(cfg.verify_shards in VERIFY_MODES, f"verify_shards {cfg.verify_shards!r} is not {' or '.join(VERIFY_MODES)}")
     need(cfg.epochs >= 1 and cfg.batch_size >= 1, "epochs and batch_size must be >= 1")
     need(cfg.num_workers >= 0 and cfg.crop_padding >= 0, "num_workers and crop_padding must be >= 0")
     need(0 <= cfg.eps <= 1 and cfg.lr > 0, "eps must be in [0, 1] and lr > 0")
@@ -261,36 +190,20 @@ def validate(cfg: TrainConfig) -> None:
 
 # ----------------------------------------------------------------------------- flags
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with the project's error style: `PROG: error: message`, one line, exit 2 (no usage dump)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser(prog: str = "sat-train fit", description: str | None = None) -> argparse.ArgumentParser:
-    ap = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 argument_default=argparse.SUPPRESS)  # only flags the user gave override
-    ap.add_argument("--config", metavar="FILE.toml", help="TOML file with TrainConfig keys (flags override it)")
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint, default = _HINTS[f.name], getattr(defaults, f.name)
-        # --run-dir: torchrun's own parser takes `--run` for an abbreviation of its --run-path
-        flags = [flag, "--run-dir"] if f.name == "run" else [flag]
-        if hint is bool:
-            ap.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=f"(default {default})")
-        else:
-            ap.add_argument(*flags, dest=f.name, metavar=f.name.upper(), help=f"(default {default!r})")
+def build_parser(prog: str = "sat-train fit", description: str | None = None) -> CommandParser:
+    ap = CommandParser(prog, description)
+    ap.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,
+                    help="TOML file of TrainConfig keys, top level or one [fit] table (a saved RUN/config.json is "
+                         "read too); flags override it")
+    add_fields(ap, TrainConfig)  # only the flags the user gave reach the namespace
     return ap
 
 
 def parse_argv(argv: list[str], description: str | None = None) -> dict:
     """The values the user set explicitly: --config file keys, then flags on top (flags win)."""
-    ap = build_parser(description=description)
-    ns = vars(ap.parse_args(argv))
+    ns = vars(build_parser(description=description).parse_args(argv))
     values = load_toml(ns.pop("config")) if "config" in ns else {}
-    values.update({k: _coerce(k, v, f"--{k.replace('_', '-')}") for k, v in ns.items()})
+    values.update({k: coerce_field(TrainConfig, k, v, f"--{k.replace('_', '-')}") for k, v in ns.items()})
     return values
 
 

@@ -1,111 +1,114 @@
 """`sat-train eval`: robustness of a trained run on evaluation shards.
 
     sat-train eval runs/sat --shards shards/fashion-mnist/test
-    sat-train eval runs/sat --shards shards/fashion-mnist/test --limit 1000 --autoattack 200 --eps 2,4,8
+    sat-train eval runs/sat --shards shards/fashion-mnist/test --limit 1000 --autoattack 200 --eps 2/255,4/255,8/255
 
 Runs clean accuracy, FGSM and PGD-k (k = 20, step eps/4, random start; each sample keeps its first
 fooling iterate, see --no-early-stop) at eps = 1..8/255 in L-inf, PGD in
 L2, Carlini-Wagner L2 (short budget), optionally AutoAttack on the first N samples, and the paper's
 distortions (contrast, low-pass, high-pass). Prints a table with gradient-masking warnings and writes
 RUN/eval/<shard-set name>.json atomically (per row: accuracy, n, attack parameters, time). Config: flags,
-or `--config eval.toml` (EvalConfig fields; flags win; unknown keys are an error).
+or `--config eval.toml` (EvalConfig fields; flags win; unknown keys are an error). Budgets (--eps,
+--autoattack-eps) are in [0, 1] pixel units like fit's --eps, written 8/255 or 0.0314; the table and
+the JSON rows also give them in 1/255 (eps_255).
 
 Before any attack: the checkpoint must hold finite weights and fit the shard set (classes, channels,
 size), and the shard set is checked as `fit` checks it (--verify-shards sha256, the default, or size;
 every label against the class count). The results record which model was attacked (BatchNorm folded
-or not, and why not). (Over 350 lines until the config layer is unified, issue 15: EvalConfig and its
-hand-written flags live here.)
+or not, and why not).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sat_train.config import MAX_SEED, OneLineParser, non_finite, read_toml
+from sat_train.config import MAX_SEED
 from sat_train.distortions import LEVELS
 from sat_train.loader import BACKENDS as LOADER_BACKENDS
+from shards.cli import CommandParser, Config, ConfigError, add_fields, add_progress, field_names, option, read_config
 from shards.manifest import VERIFY_MODES
 
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2: config eps and autoattack_eps in [0, 1] pixel units (1: in 1/255)
 
 
-class EvalError(Exception):
+AA_VERSIONS = ("standard", "plus", "rand")
+
+
+class EvalError(ConfigError):
     """A user mistake or bad input: one line, non-zero exit."""
 
 
+def _budget_help(what: str) -> str:
+    return f"{what}, in [0, 1] pixel units like fit's --eps: write 8/255 or 0.0314"
+
+
 @dataclass
-class EvalConfig:
-    eps: list = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7, 8])  # L-inf budgets, in 1/255
-    pgd_steps: int = 20
-    pgd_step_ratio: float = 0.25  # PGD step size = eps * ratio (eps/4)
-    pgd_restarts: int = 1
-    pgd_early_stop: bool = True  # each sample keeps its first fooling iterate (stronger, and cheaper; attacks.pgd)
-    check_steps: list = field(default_factory=lambda: [5, 10])  # extra PGD runs at the largest eps (masking check)
-    fgsm: bool = True
-    l2_eps: list = field(default_factory=lambda: [0.25, 0.5, 1.0])  # L2 budgets in [0, 1] pixel units
-    cw: int = 1000  # CW-L2 on the first N samples (0 = off)
-    cw_steps: int = 20
-    cw_search_steps: int = 3
-    cw_lr: float = 0.01
-    cw_initial_const: float = 1e-3
-    cw_confidence: float = 0.0
-    autoattack: int = 0  # AutoAttack on the first N samples (0 = off; slow on CPU)
-    autoattack_eps: float = 8.0  # in 1/255
-    autoattack_version: str = "standard"
-    distortions: bool = True
-    contrast: list = field(default_factory=lambda: list(LEVELS["contrast"]))
-    low_pass: list = field(default_factory=lambda: list(LEVELS["low-pass"]))
-    high_pass: list = field(default_factory=lambda: list(LEVELS["high-pass"]))
-    distortion_grey: float | None = None  # filter padding grey; None = each image's mean (see distortions.py)
-    batch_size: int = 256
-    limit: int = 0  # evaluate the first N samples only (0 = all)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    loader_backend: str = "auto"  # auto | dali | torch | device (see sat_train.loader)
-    loader_decode: str = "auto"  # DALI on CUDA: gpu | cpu | auto (see sat_train.loader.dali_backend)
-    verify_shards: str = "sha256"  # check shard files before evaluating: sha256 (every byte) | size (cheap)
-    sanity_tol: float = 0.0  # accuracy points of slack before a masking check warns
-    aa_gap: float = 5.0  # warn when AutoAttack is this many points below PGD on the same samples
+class EvalConfig(Config):
+    config_error = EvalError
 
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "EvalConfig":
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise EvalError(f"{source}: unknown eval config key(s) {', '.join(unknown)}; known: {', '.join(names)}")
-        defaults = cls()
-        for key, value in d.items():
-            d[key] = _check_type(key, value, getattr(defaults, key), source)
-        cfg = cls(**d)
-        cfg.validate(source)
-        return cfg
+    eps: list[float] = option([k / 255 for k in range(1, 9)], _budget_help("L-inf budgets (FGSM, PGD), comma-separated"),
+                              default_help="1/255,2/255,...,8/255")
+    pgd_steps: int = option(20, "PGD steps (random start, step eps * pgd_step_ratio)")
+    pgd_step_ratio: float = option(0.25, "PGD step size as a fraction of eps, in (0, 1] (0.25: eps/4)")
+    pgd_restarts: int = option(1, "PGD random restarts (a sample counts as robust only if it survives all)",
+                               aliases=("--restarts",))
+    pgd_early_stop: bool = option(True, "each sample keeps its first fooling iterate (stronger, and cheaper; "
+                                  "attacks.pgd); --no-early-stop: plain last-iterate PGD", aliases=("--early-stop",))
+    check_steps: list[int] = option([5, 10], "extra PGD step counts at the largest eps (gradient-masking check), "
+                                    "comma-separated")
+    fgsm: bool = option(True, "FGSM at every L-inf eps")
+    l2_eps: list[float] = option([0.25, 0.5, 1.0], "L2 PGD budgets in [0, 1] pixel units, comma-separated "
+                                 "(empty: none)")
+    cw: int = option(1000, "Carlini-Wagner L2 on the first N samples (0 = off)")
+    cw_steps: int = option(20, "CW-L2 optimization steps per binary-search step")
+    cw_search_steps: int = option(3, "CW-L2 binary-search steps over the constant c")
+    cw_lr: float = option(0.01, "CW-L2 Adam learning rate")
+    cw_initial_const: float = option(1e-3, "CW-L2 initial constant c")
+    cw_confidence: float = option(0.0, "CW-L2 confidence margin kappa (>= 0)")
+    autoattack: int = option(0, "AutoAttack on the first N samples (0 = off; slow on CPU)")
+    autoattack_eps: float = option(8 / 255, _budget_help("AutoAttack L-inf budget"), default_help="8/255")
+    autoattack_version: str = option("standard", "AutoAttack version (torchattacks)", choices=AA_VERSIONS)
+    distortions: bool = option(True, "the paper's distortions: contrast, low-pass and high-pass filtering")
+    contrast: list[float] = option(list(LEVELS["contrast"]), "contrast levels in [0, 1], comma-separated")
+    low_pass: list[float] = option(list(LEVELS["low-pass"]), "low-pass Gaussian sigmas in pixels (> 0), comma-separated")
+    high_pass: list[float] = option(list(LEVELS["high-pass"]), "high-pass Gaussian sigmas in pixels (> 0), "
+                                    "comma-separated")
+    distortion_grey: float | None = option(None, "filter padding grey in [0, 1] (reference: 0.4423); none = each "
+                                           "image's mean (see distortions.py)")
+    batch_size: int = option(256, "images per batch")
+    limit: int = option(0, "evaluate the first N samples only (0 = all)")
+    seed: int = option(0, "seed of random starts and restarts")
+    device: str = option("auto", "where to evaluate: auto, cpu, cuda or cuda:N")
+    loader_backend: str = option("auto", "data loader (see sat_train.loader)", choices=LOADER_BACKENDS)
+    loader_decode: str = option("auto", "DALI on CUDA: gpu, cpu or auto (see sat_train.loader.dali_backend)",
+                                choices=("auto", "gpu", "cpu"))
+    verify_shards: str = option("sha256", "check shard files before evaluating: sha256 (every byte) or size (cheap)",
+                                choices=VERIFY_MODES)
+    sanity_tol: float = option(0.0, "accuracy points of slack before a masking check warns")
+    aa_gap: float = option(5.0, "warn when AutoAttack is this many points below PGD on the same samples")
 
-    def validate(self, source: str = "config") -> None:
+    def validate(self) -> None:
         def need(ok, msg):
             if not ok:
-                raise EvalError(f"{source}: {msg}")
-        bad = non_finite(self)
-        need(not bad, f"{', '.join(bad)}: every number must be finite")
-        need(all(0 < e <= 255 for e in list(self.eps) + [self.autoattack_eps]), "L-inf eps values (in 1/255) must be "
-             "in (0, 255]")
+                raise EvalError(msg)
+        for name, values in (("eps", self.eps), ("autoattack_eps", [self.autoattack_eps])):
+            big = [e for e in values if e > 1]
+            need(not big, f"{name} = {big[0] if big else 0:g} is over 1: budgets are in [0, 1] pixel units, as "
+                          f"fit's --eps; write {big[0] if big else 0:g}/255")
+            need(all(e > 0 for e in values), f"{name} values must be in (0, 1]")
         need(all(e > 0 for e in self.l2_eps), "l2_eps values must be > 0")
         need(self.pgd_steps >= 1 and all(k >= 1 for k in self.check_steps), "PGD steps must be >= 1")
         need(0 < self.pgd_step_ratio <= 1, "pgd_step_ratio must be in (0, 1]")
         need(self.pgd_restarts >= 1, "pgd_restarts must be >= 1")
         need(min(self.cw, self.autoattack, self.limit) >= 0, "cw, autoattack and limit must be >= 0")
         need(self.batch_size >= 1, "batch_size must be >= 1")
-        need(self.loader_backend in LOADER_BACKENDS, f"loader_backend: {' | '.join(LOADER_BACKENDS)}")
-        need(self.loader_decode in ("auto", "gpu", "cpu"), "loader_decode: auto | gpu | cpu")
-        need(self.autoattack_version in ("standard", "plus", "rand"), "autoattack_version: standard | plus | rand")
         need(all(0 <= c <= 1 for c in self.contrast), "contrast levels must be in [0, 1]")
         need(all(s > 0 for s in list(self.low_pass) + list(self.high_pass)), "filter sigmas must be > 0")
         need(self.cw_steps >= 1 and self.cw_search_steps >= 1, "cw_steps and cw_search_steps must be >= 1")
@@ -115,80 +118,34 @@ class EvalConfig:
         need(self.sanity_tol >= 0 and self.aa_gap >= 0, "sanity_tol and aa_gap must be >= 0")
         need(0 <= self.seed <= MAX_SEED, "seed must be in [0, 2**63 - 1]")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device: auto | cpu | cuda | cuda:N")
-        need(self.verify_shards in VERIFY_MODES, f"verify_shards: {' | '.join(VERIFY_MODES)}")
 
 
-def _check_type(key, value, default, source):
-    """The value, if it has the default's type (ints pass as floats; None only where the default is None)."""
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+def comparable_config(saved: dict, results_version=RESULTS_VERSION) -> dict:
+    """An EvalConfig dict as `experiment` compares them: budgets in today's [0, 1] units (results_version 1
+    held eps and autoattack_eps in 1/255) and floats to 12 digits (25.5/255 and 0.1 are the same budget)."""
+    def rounded(v):
+        if isinstance(v, float):
+            return float(f"{v:.12g}")
+        return [rounded(x) for x in v] if isinstance(v, (list, tuple)) else v
 
-    if default is None:  # distortion_grey: None or a number
-        ok = value is None or number(value)
-    elif isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = number(value)
-    elif isinstance(default, list):
-        ok = isinstance(value, (list, tuple)) and all(number(v) for v in value)
-        value = list(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        want = "a list of numbers" if isinstance(default, list) else type(default).__name__
-        want = "a number" if default is None else want
-        raise EvalError(f"{source}: {key} = {value!r} is not {want}")
-    return value
+    out = dict(saved)
+    if results_version == 1 and isinstance(out.get("eps"), list):
+        out["eps"] = [e / 255 for e in out["eps"]]
+    if results_version == 1 and isinstance(out.get("autoattack_eps"), (int, float)):
+        out["autoattack_eps"] = out["autoattack_eps"] / 255
+    return {k: rounded(v) for k, v in out.items()}
 
 
-def _floats(text: str) -> list:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str) -> list:
-    values = _floats(text)
-    if not all(math.isfinite(v) and v == int(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    return [int(v) for v in values]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="sat-train eval", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("run", help="run folder written by `sat-train fit` (holds checkpoints/last.pt)")
+def build_parser() -> CommandParser:
+    p = CommandParser("sat-train eval", __doc__)
+    p.add_argument("run", help="run folder written by `sat-train fit` (holds checkpoints/last.pt): the input")
     p.add_argument("--shards", required=True, help="evaluation shard set: folder or URL (s3://bucket/prefix, "
                    "https://...) with manifest.json")
-    p.add_argument("--config", help="TOML file of EvalConfig fields (top level or an [eval] table)")
-    p.add_argument("--out", help="results JSON (default RUN/eval/<shard-set name>.json)")
-    a = p.add_argument_group("attacks (override the config)")
-    a.add_argument("--eps", type=_floats, help="L-inf eps list in 1/255, e.g. 1,2,4,8")
-    a.add_argument("--pgd-steps", type=int)
-    a.add_argument("--pgd-step-ratio", type=float, help="PGD step = eps * ratio (default 0.25)")
-    a.add_argument("--restarts", dest="pgd_restarts", type=int)
-    a.add_argument("--no-early-stop", dest="pgd_early_stop", action="store_const", const=False,
-                   help="plain last-iterate PGD (slower; by default each sample stops at its first fooling iterate)")
-    a.add_argument("--check-steps", type=_ints, help="extra PGD step counts at the largest eps, e.g. 5,10,50")
-    a.add_argument("--l2-eps", type=_floats, help="L2 eps list, e.g. 0.25,0.5")
-    a.add_argument("--no-fgsm", dest="fgsm", action="store_const", const=False)
-    a.add_argument("--cw", type=int, help="CW-L2 on the first N samples (0 = off)")
-    a.add_argument("--autoattack", type=int, help="AutoAttack on the first N samples (0 = off)")
-    a.add_argument("--autoattack-eps", type=float, help="AutoAttack L-inf eps in 1/255 (default 8)")
-    a.add_argument("--no-distortions", dest="distortions", action="store_const", const=False)
-    a.add_argument("--distortion-grey", type=float, help="fixed filter padding grey (reference: 0.4423)")
-    r = p.add_argument_group("run")
-    r.add_argument("--batch-size", type=int)
-    r.add_argument("--limit", type=int, help="evaluate the first N samples only")
-    r.add_argument("--seed", type=int)
-    r.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    r.add_argument("--loader-backend", help="auto | dali | torch")
-    r.add_argument("--loader-decode", help="DALI on CUDA: auto | gpu | cpu")
-    r.add_argument("--verify-shards", help="check shard files first: sha256 (every byte, default) | size (cheap)")
-    r.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", help="TOML file of EvalConfig fields, top level or one [eval] table (JSON read too); "
+                   "flags override it")
+    p.add_argument("--out", help="results JSON file to write (default: RUN/eval/<shard-set name>.json)")
+    add_fields(p.add_argument_group("attacks and run (override the config)"), EvalConfig)
+    add_progress(p)
     return p
 
 
@@ -197,17 +154,13 @@ def parse_args(argv):
 
 
 def load_config(args) -> EvalConfig:
-    values = {}
-    if args.config:
-        values = read_toml(args.config, EvalError)
-        if set(values) == {"eval"}:
-            values = values["eval"]
-    names = {f.name for f in dataclasses.fields(EvalConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    return EvalConfig.from_dict(values, args.config or "flags")
+    values = read_config(args.config, EvalConfig, table="eval", error=EvalError) if args.config else {}
+    names = field_names(EvalConfig)
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    return EvalConfig.from_dict({**values, **flags}, args.config or "flags")
 
 
-def config_from_argv(argv) -> tuple[argparse.Namespace, EvalConfig]:
+def config_from_argv(argv) -> tuple:
     """(parsed arguments, validated EvalConfig) for `sat-train eval ARGV`; EvalError (or argparse's exit 2)
     for anything wrong. Starts nothing."""
     args = parse_args(argv)
@@ -360,9 +313,9 @@ def main(argv=None) -> int:
     try:
         args, cfg = config_from_argv(sys.argv[1:] if argv is None else argv)
         print("eval config:", json.dumps(dataclasses.asdict(cfg), separators=(", ", ": ")))
-        results, out = evaluate(args.run, args.shards, cfg, args.out, progress=not args.no_progress)
+        results, out = evaluate(args.run, args.shards, cfg, args.out, progress=args.progress)
     except EvalError as e:
-        print(f"sat-train eval: error: {e}", file=sys.stderr)
+        print(f"sat-train eval: {e}", file=sys.stderr)
         return 2
     print(format_table(results["rows"]))
     for note in results["notes"]:

@@ -16,6 +16,7 @@ grid.toml (configs/fashion-mnist-study.toml is a full example; unknown tables an
     autoattack_seeds = [0]             # [eval] autoattack only on runs with these seeds (default: every run)
     subprocess = false                 # true: each fit/eval in its own `python -m sat_train` process
     skip_done = true                   # keep finished work whose config matches (false: redo everything)
+    progress = false                   # progress bars in fits, evals and derivations (--progress overrides)
 
     [sources]                          # saliency source name -> training shard set
     foreground = "shards/fm/train-foreground"
@@ -30,6 +31,7 @@ grid.toml (configs/fashion-mnist-study.toml is a full example; unknown tables an
 
     [eval]                             # EvalConfig keys (sat-train eval --help); autoattack_eps defaults to each
     limit = 2000                       # run's training eps (standard: the first grid eps)
+    eps = ["2/255", "8/255", 0.1]      # budgets in [0, 1] pixel units, as fit's eps: "N/255" or a number
 
     [[runs]]                           # a block: method(s) x sources x eps x seeds; every key but method optional
     method = "sat"                     # or methods = ["pgd", "fgsm-rs"]
@@ -65,6 +67,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shards.cli import CommandParser, fail
 from sat_train.grid import ExperimentError, Grid, PlannedRun, eps_text, plan  # noqa: F401  (re-exported for callers)
 
 # fit_runtime(): TrainConfig fields that say how a run executes, not what it computes. `shards` is a path: the set is
@@ -143,13 +146,14 @@ def _checkpoint_fingerprint(path: Path):
 
 def eval_decision(path: Path, eval_values: dict, checkpoint_sha: str, eval_fingerprint: str | None) -> str | None:
     """None when `path` holds this evaluation already, else why it must be (re)done."""
-    from sat_train.evaluate import EvalConfig
+    from sat_train.evaluate import EvalConfig, comparable_config
 
     saved = _read_json(path)
     if saved is None:
         return "not evaluated yet"
-    planned = dataclasses.asdict(EvalConfig.from_dict(dict(eval_values), "eval"))
-    changes = config_changes(saved.get("config") or {}, planned, EVAL_RUNTIME)
+    planned = comparable_config(dataclasses.asdict(EvalConfig.from_dict(dict(eval_values), "eval")))
+    saved_cfg = comparable_config(saved.get("config") or {}, saved.get("results_version"))
+    changes = config_changes(saved_cfg, planned, EVAL_RUNTIME)
     if changes:
         return "eval config changed: " + "; ".join(changes)
     if (saved.get("checkpoint") or {}).get("sha256") != checkpoint_sha:
@@ -196,11 +200,15 @@ def check_inputs(grid: Grid) -> None:
                               f"(`make study` builds those of configs/fashion-mnist-study.toml)")
 
 
+def _progress_flag(grid: Grid) -> str:
+    return "--progress" if getattr(grid, "progress", False) else "--no-progress"
+
+
 def derive_source(grid: Grid, name: str, use_subprocess: bool) -> int:
     source = grid.sources[name]
     teacher = next(r for r in grid.runs if r.name == source.teacher)
     argv = [grid.sources[source.base].shards, "--teacher", str(teacher.run_dir), "--explainer", source.explainer,
-            *source.args, "--out", source.shards, "--overwrite", "--no-progress"]
+            *source.args, "--out", source.shards, "--overwrite", _progress_flag(grid)]
     print(f"\n== derive source {name}: sat-train teacher-saliency {' '.join(argv)}", flush=True)
     return _call("teacher-saliency", argv, use_subprocess)  # same derivation of the same checkpoint: kept
 
@@ -239,7 +247,7 @@ def run_eval(grid: Grid, r: PlannedRun, eval_values: dict, out: Path | None, lab
     toml = grid.out / "configs" / f"{r.name}.{label}.toml"
     toml.write_text(to_toml(eval_values))
     print(f"\n== {label} {r.name}: {why}", flush=True)
-    argv = [str(r.run_dir), "--shards", str(eval_shards), "--config", str(toml), "--no-progress"]
+    argv = [str(r.run_dir), "--shards", str(eval_shards), "--config", str(toml), _progress_flag(grid)]
     rc = _call("eval", argv + (["--out", str(out)] if out else []), use_subprocess)
     status[r.name].update({label: "evaluated", f"{label}_exit": rc})
     return rc
@@ -255,12 +263,16 @@ def print_plan(grid: Grid) -> None:
             print(f"  source {s.name}: derived from run {s.teacher} ({s.explainer}) on {s.base} -> {s.shards}")
 
 
-def run_grid(path: Path, dry_run: bool = False, use_subprocess: bool | None = None) -> int:
+def run_grid(path: Path, dry_run: bool = False, use_subprocess: bool | None = None, progress: bool | None = None) -> int:
     from shards.storage import atomic_write_json
 
     grid = plan(path)
     exp, out = grid.experiment, grid.out
     use_subprocess = bool(exp.get("subprocess", False)) if use_subprocess is None else use_subprocess
+    grid.progress = bool(exp.get("progress", False)) if progress is None else progress
+    if progress is not None or "progress" in exp:  # a runtime field: changes no fit's decision
+        for r in grid.runs:
+            r.fit_values["progress"] = grid.progress
     skip_done = bool(exp.get("skip_done", True))
     print_plan(grid)
     if dry_run:
@@ -309,17 +321,22 @@ def run_grid(path: Path, dry_run: bool = False, use_subprocess: bool | None = No
                              "--eval", record["eval_set"]], use_subprocess)
 
 
-def main(argv=None) -> int:
-    opening, rest = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(prog="sat-train experiment", description=opening,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
+def build_parser() -> CommandParser:
+    p = CommandParser("sat-train experiment", __doc__)
     p.add_argument("grid", help="grid TOML file ([experiment], [sources], [fit], [eval], [[runs]])")
     p.add_argument("--dry-run", action="store_true",
                    help="check every config, print the plan and what a real run would keep or redo; run nothing")
-    p.add_argument("--subprocess", action="store_true", default=None, help="run each step in its own process")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    p.add_argument("--subprocess", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each step in its own process (default: [experiment] subprocess, else --no-subprocess)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars of the fits, evaluations and derivations (default: [experiment] progress, "
+                        "else --no-progress: each fit still prints one line per epoch)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return run_grid(Path(args.grid), args.dry_run, args.subprocess)
+        return run_grid(Path(args.grid), args.dry_run, args.subprocess, args.progress)
     except ExperimentError as e:
-        print(f"sat-train experiment: error: {e}", file=sys.stderr)
-        return 2
+        return fail("sat-train experiment", str(e))

@@ -67,6 +67,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from shards.cli import Config, option
+
 EXPLAINERS = ("grad-sign", "guided-backprop", "smoothgrad", "integrated-gradients", "gradcam", "gradcam++",
               "guided-gradcam++")
 DEFAULT_NORMALIZE = {"grad-sign": "sign", "guided-backprop": "sign", "smoothgrad": "minmax",
@@ -85,28 +87,34 @@ class ExplainError(ValueError):
 
 
 @dataclass(frozen=True)
-class ExplainConfig:
-    explainer: str = "grad-sign"
-    target: str = "label"  # label | pred
-    normalize: str = "auto"  # auto (the explainer's default above) | sign | minmax | symmetric
-    channels: str = "sum"  # colour attributions -> one map per pixel: sum | mean | max-abs
-    blur_sigma_frac: float = 0.0
-    smoothgrad_samples: int = 10
-    smoothgrad_sigma: float = 0.15  # noise std as a fraction of each image's value range
-    ig_steps: int = 100  # intervals of the trapezoid rule (steps + 1 model evaluations)
-    cam_layer: str = "auto"  # module name (model.named_modules()); auto = the last block
-    seed: int = 0  # SmoothGrad noise
+class ExplainConfig(Config):
+    config_error = ExplainError
+
+    explainer: str = option("grad-sign", "how maps are computed (grad-sign: what the paper's code computes)",
+                            choices=EXPLAINERS)
+    target: str = option("label", "class explained: the true label or the teacher's prediction (pred, the reference "
+                         "code)", choices=TARGETS)
+    normalize: str = option("auto", "per-image range: sign {-1,0,1}, minmax [0,1], symmetric [-1,1]; auto = the "
+                            "reference code's per explainer (" + ", ".join(f"{k} {v}" for k, v in
+                                                                           DEFAULT_NORMALIZE.items()) + ")",
+                            choices=("auto",) + NORMALIZATIONS)
+    channels: str = option("sum", "colour attributions -> one map per pixel (the format stores one; the reference "
+                           "kept one per channel)", choices=CHANNEL_MODES)
+    blur_sigma_frac: float = option(0.0, "Gaussian blur of the normalized map, std as a fraction of the image side "
+                                    "(0: none)")
+    smoothgrad_samples: int = option(10, "SmoothGrad: noisy copies")
+    smoothgrad_sigma: float = option(0.15, "SmoothGrad: noise std as a fraction of each image's value range")
+    ig_steps: int = option(100, "Integrated Gradients: trapezoid intervals from the zero baseline (steps + 1 model "
+                           "evaluations)")
+    cam_layer: str = option("auto", "Grad-CAM explainers: module name of the layer (model.named_modules()); auto = "
+                            "the last block")
+    seed: int = option(0, "seed of SmoothGrad's noise (per sample key)")
 
     def validate(self) -> "ExplainConfig":
         def need(ok, msg):
             if not ok:
                 raise ExplainError(msg)
 
-        need(self.explainer in EXPLAINERS, f"explainer {self.explainer!r} is not one of {', '.join(EXPLAINERS)}")
-        need(self.target in TARGETS, f"target {self.target!r} is not one of {', '.join(TARGETS)}")
-        need(self.normalize == "auto" or self.normalize in NORMALIZATIONS,
-             f"normalize {self.normalize!r} is not auto or one of {', '.join(NORMALIZATIONS)}")
-        need(self.channels in CHANNEL_MODES, f"channels {self.channels!r} is not one of {', '.join(CHANNEL_MODES)}")
         need(np.isfinite(self.blur_sigma_frac) and self.blur_sigma_frac >= 0, "blur sigma fraction must be >= 0")
         need(self.smoothgrad_samples >= 1 and self.smoothgrad_sigma >= 0, "smoothgrad samples >= 1 and sigma >= 0")
         need(self.ig_steps >= 1, "integrated-gradients steps must be >= 1")

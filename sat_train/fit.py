@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except USER_ERRORS as e:  # a user's mistake, bad data or a diverged run: one line, no traceback
         if info is None or info.is_main:  # under torchrun every rank raises the same: one line, not N
-            print(f"sat-train fit: error: {e}", file=sys.stderr)
+            print(f"sat-train fit: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the last completed epoch is in checkpoints/last.pt
         print("sat-train fit: interrupted; continue with --resume --run RUN", file=sys.stderr)

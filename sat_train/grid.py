@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TABLES = ("experiment", "sources", "fit", "eval", "runs")
-EXPERIMENT_KEYS = {"out", "train_shards", "eval_shards", "methods", "seeds", "eps", "clean_on_all", "autoattack_seeds",
+EXPERIMENT_KEYS = {"out", "progress", "train_shards", "eval_shards", "methods", "seeds", "eps", "clean_on_all", "autoattack_seeds",
                    "subprocess", "skip_done"}
 RUN_KEYS = {"method", "methods", "sources", "seeds", "eps", "tag", "fit", "eval"}
 DERIVED_KEYS = {"shards", "teacher", "from", "explainer", "args"}
@@ -99,7 +99,7 @@ def eps_text(eps: float | None) -> str:
 
 
 def eps_255(eps: float) -> float:
-    """eps in 1/255 units, as `sat-train eval` takes it (0.1 -> 25.5)."""
+    """eps in 1/255 units, as tables and run names show it (0.1 -> 25.5)."""
     return round(eps * 255, 6)
 
 
@@ -156,11 +156,12 @@ def load_blocks(path: Path, data: dict, exp: dict) -> list[dict]:
 
 def plan(path: Path) -> Grid:
     """The grid, with every run planned and every config validated up front."""
-    from sat_train.config import ConfigError, from_dict, read_toml
+    from sat_train.config import ConfigError, from_dict
+    from shards.cli import read_config
     from sat_train.evaluate import EvalConfig, EvalError
 
     path = Path(path)
-    data = read_toml(path, ExperimentError, "grid file")
+    data = read_config(path, error=ExperimentError, what="grid file")
     bad = sorted(set(data) - set(TABLES))
     if bad:
         raise ExperimentError(f"{path}: unknown table(s) {', '.join(bad)} (use {', '.join(f'[{t}]' for t in TABLES)})")
@@ -263,9 +264,9 @@ def _plan_run(method, source, sources, plain_shards, eps, seed, tag, fit, overri
     eval_values = dict(ev)
     train_eps = cfg.eps if uses_eps(method) else None
     if train_eps is not None and "autoattack_eps" not in ev:
-        eval_values["autoattack_eps"] = eps_255(train_eps)  # AutoAttack at the run's own threat model
-    if train_eps is not None and eps_255(train_eps) not in [round(e, 6) for e in eval_cfg.eps]:
-        raise ExperimentError(f"{where}: [eval] eps must include the training eps {eps_255(train_eps):g} (in 1/255) "
+        eval_values["autoattack_eps"] = train_eps  # AutoAttack at the run's own threat model
+    if train_eps is not None and eps_255(train_eps) not in [eps_255(e) for e in eval_cfg.eps]:
+        raise ExperimentError(f"{where}: [eval] eps must include the training eps {eps_text(train_eps)} "
                               f"of {name}, so its PGD and AutoAttack numbers can be checked against each other")
     try:
         EvalConfig.from_dict(dict(eval_values), f"{where} [eval] for {name}")

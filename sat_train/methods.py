@@ -36,6 +36,9 @@ from sat_train.attacks import input_grad, pgd, project_linf
 METHODS = ("standard", "sat", "pgd", "sat+pgd", "trades", "sat+trades", "fgsm-rs")
 CURRICULUM_METHODS = ("sat", "sat+pgd", "sat+trades")  # the ones whose perturbation follows SAT's p
 ATTACK_BN_MODES = ("auto", "train", "eval")
+# the TrainConfig fields a Method reads (their defaults, help and checks live in sat_train.config)
+HYPERPARAMETERS = ("eps", "sat_per_pixel", "mix_prob", "pgd_steps", "pgd_alpha", "trades_beta", "trades_steps",
+                   "fgsm_alpha", "attack_bn", "label_smoothing")
 LITERATURE_BN = {"pgd": "train", "sat+pgd": "train", "fgsm-rs": "train", "trades": "eval", "sat+trades": "eval"}
 
 
@@ -105,28 +108,31 @@ class Method:
     module the attacks use. `generator` drives the per-process random draws, `coin` (same seed on every
     process) the per-batch choice of sat+pgd / sat+trades, so all processes take the same branch."""
 
-    def __init__(self, name: str, *, eps: float = 8 / 255, sat_per_pixel: bool = False, mix_prob: float = 0.5,
-                 pgd_steps: int = 7, pgd_alpha: float = 2 / 255, trades_beta: float = 6.0, trades_steps: int = 10,
-                 fgsm_alpha: float = 1.25, attack_bn: str = "auto", label_smoothing: float = 0.0,
-                 channels_last: bool = False):
+    def __init__(self, name: str, *, channels_last: bool = False, **hyper):
+        """`Method("pgd", pgd_steps=2)`: the hyper-parameters and their defaults are TrainConfig's (listed
+        once, there); anything not given takes TrainConfig's default, and is validated as a config is."""
+        from sat_train.config import ConfigError, TrainConfig  # config imports this module's lists
+
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-        if attack_bn not in ATTACK_BN_MODES:
-            raise ValueError(f"attack_bn must be one of {ATTACK_BN_MODES}, not {attack_bn!r}")
-        self.name = name
-        self.eps, self.sat_per_pixel, self.mix_prob = eps, sat_per_pixel, mix_prob
-        self.pgd_steps, self.pgd_alpha = pgd_steps, pgd_alpha
-        self.trades_beta, self.trades_steps, self.fgsm_alpha = trades_beta, trades_steps, fgsm_alpha
-        self.attack_bn = LITERATURE_BN.get(name, "train") if attack_bn == "auto" else attack_bn
-        self.label_smoothing = label_smoothing
-        self.channels_last = channels_last  # CUDA: tensors the model sees go NHWC (faster convolutions)
+        try:
+            cfg = TrainConfig(method=name, **hyper)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        self._take(cfg, channels_last)
 
     @classmethod
     def from_config(cls, cfg, channels_last: bool = False) -> "Method":
-        return cls(cfg.method, eps=cfg.eps, sat_per_pixel=cfg.sat_per_pixel, mix_prob=cfg.mix_prob,
-                   pgd_steps=cfg.pgd_steps, pgd_alpha=cfg.pgd_alpha, trades_beta=cfg.trades_beta,
-                   trades_steps=cfg.trades_steps, fgsm_alpha=cfg.fgsm_alpha, attack_bn=cfg.attack_bn,
-                   label_smoothing=cfg.label_smoothing, channels_last=channels_last)
+        self = cls.__new__(cls)
+        self._take(cfg, channels_last)
+        return self
+
+    def _take(self, cfg, channels_last: bool) -> None:
+        self.name = cfg.method
+        for key in HYPERPARAMETERS:
+            setattr(self, key, getattr(cfg, key))
+        self.attack_bn = LITERATURE_BN.get(self.name, "train") if cfg.attack_bn == "auto" else cfg.attack_bn
+        self.channels_last = channels_last  # CUDA: tensors the model sees go NHWC (faster convolutions)
 
     @property
     def trains_on_clean(self) -> bool:

@@ -46,7 +46,7 @@ class Spec:
 def build_specs(cfg) -> list[Spec]:
     """The rows an EvalConfig asks for, in the order they are printed."""
     specs = [Spec("clean")]
-    eps_list = [e / 255 for e in cfg.eps]
+    eps_list = list(cfg.eps)  # [0, 1] pixel units
 
     def pgd_params(steps, step_size):
         return {"steps": steps, "step_size": step_size, "random_start": True, "restarts": cfg.pgd_restarts,
@@ -67,7 +67,7 @@ def build_specs(cfg) -> list[Spec]:
             "steps": cfg.cw_steps, "search_steps": cfg.cw_search_steps, "lr": cfg.cw_lr,
             "initial_const": cfg.cw_initial_const, "confidence": cfg.cw_confidence}))
     if cfg.autoattack:
-        specs.append(Spec("autoattack", "linf", cfg.autoattack_eps / 255, limit=cfg.autoattack,
+        specs.append(Spec("autoattack", "linf", cfg.autoattack_eps, limit=cfg.autoattack,
                           params={"version": cfg.autoattack_version, "stages": None}))
     if cfg.distortions:
         for kind, levels in (("contrast", cfg.contrast), ("low-pass", cfg.low_pass), ("high-pass", cfg.high_pass)):

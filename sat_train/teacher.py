@@ -24,9 +24,9 @@ IN, a missing or damaged checkpoint, a damaged IN) stops with one line naming th
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -38,9 +38,8 @@ from shards.format import LABEL_EXT, MANIFEST_NAME, ShardFormatError, decode_lab
 from shards.manifest import Manifest, read_manifest
 from shards.storage import sha256_file
 from sat_train.checkpoint import CheckpointError, load_model
-from sat_train.config import ConfigError
-from sat_train.explain import (CHANNEL_MODES, DEFAULT_NORMALIZE, EXPLAINERS, NORMALIZATIONS, RANGES, TARGETS,
-                               ExplainConfig, ExplainError, explain)
+from shards.cli import CommandParser, Config, ConfigError, add_fields, add_progress, fail, from_file_and_flags, option
+from sat_train.explain import RANGES, ExplainConfig, ExplainError, explain
 
 DERIVATION = "teacher-saliency"
 
@@ -138,53 +137,44 @@ def teacher_saliency(in_dir, teacher, out_dir, cfg: ExplainConfig, *, batch_size
                   workers=workers, maps_factory=factory)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = ExplainConfig()
-    ap = argparse.ArgumentParser(prog="sat-train teacher-saliency", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+@dataclass
+class TeacherRun(Config):
+    """How `teacher-saliency` runs (the maps do not depend on these)."""
+    batch_size: int = option(256, "images per forward/backward")
+    device: str = option("auto", "where the teacher runs", choices=("auto", "cpu", "cuda"))
+    workers: int = option(1, "CPU only: shards in N processes of one thread each instead of one process with N torch "
+                          "threads (bench/teacher.py measures which is faster on your machine)")
+    overwrite: bool = option(False, "replace whatever else OUT holds (an output of this very derivation is kept and "
+                             "resumed anyway)")
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.workers < 1:
+            raise ConfigError("batch_size and workers must be >= 1")
+
+
+def build_parser() -> CommandParser:
+    ap = CommandParser("sat-train teacher-saliency", __doc__)
     ap.add_argument("input", metavar="IN_SHARDS", help="input shard set (folder with manifest.json)")
     ap.add_argument("--teacher", required=True, metavar="RUN",
                     help="teacher run folder (its checkpoints/last.pt) or a checkpoint .pt file")
-    ap.add_argument("--out", required=True, metavar="OUT_SHARDS", help="output shard set folder")
-    ap.add_argument("--explainer", default=d.explainer, choices=EXPLAINERS,
-                    help=f"how maps are computed (default {d.explainer}: what the paper's code computes)")
-    ap.add_argument("--target", default=d.target, choices=TARGETS,
-                    help="class explained: the true label (default) or the teacher's prediction (the reference code)")
-    ap.add_argument("--normalize", default=d.normalize, choices=("auto",) + NORMALIZATIONS,
-                    help="per-image range: sign {-1,0,1}, minmax [0,1], symmetric [-1,1]; auto = the reference code's "
-                         "per explainer (" + ", ".join(f"{k} {v}" for k, v in DEFAULT_NORMALIZE.items()) + ")")
-    ap.add_argument("--channels", default=d.channels, choices=CHANNEL_MODES,
-                    help="colour attributions -> one map per pixel (the format stores one; the reference kept "
-                         "one per channel): sum (default), mean, max-abs")
-    ap.add_argument("--blur-sigma-frac", type=float, default=d.blur_sigma_frac,
-                    help="Gaussian blur of the normalized map, std as a fraction of the image side (default 0: none)")
-    ap.add_argument("--smoothgrad-samples", type=int, default=d.smoothgrad_samples, help="SmoothGrad: noisy copies (10)")
-    ap.add_argument("--smoothgrad-sigma", type=float, default=d.smoothgrad_sigma,
-                    help="SmoothGrad: noise std as a fraction of each image's value range (0.15)")
-    ap.add_argument("--ig-steps", type=int, default=d.ig_steps,
-                    help="Integrated Gradients: trapezoid intervals from the zero baseline (100)")
-    ap.add_argument("--cam-layer", default=d.cam_layer,
-                    help="Grad-CAM explainers: module name of the layer (default auto: the last block)")
-    ap.add_argument("--seed", type=int, default=d.seed, help="seed of SmoothGrad's noise (per sample key)")
-    ap.add_argument("--batch-size", type=int, default=256, help="images per forward/backward (default 256)")
-    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the teacher runs")
-    ap.add_argument("--workers", type=int, default=1,
-                    help="CPU only: shards in N processes of one thread each instead of one process with N torch "
-                         "threads (bench/teacher.py measures which is faster on your machine; default 1)")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="replace whatever else OUT holds (an output of this very derivation is kept and resumed anyway)")
-    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ap.add_argument("--out", required=True, metavar="OUT_SHARDS", help="output shard set folder to write")
+    ap.add_argument("--config", metavar="FILE.toml", help="TOML file of the option keys below (explainer, batch_size, "
+                    "...); flags override it")
+    add_fields(ap.add_argument_group("explainer (the maps)"), ExplainConfig)
+    add_fields(ap.add_argument_group("run"), TeacherRun)
+    add_progress(ap)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    prog = "sat-train teacher-saliency"
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = ExplainConfig(explainer=args.explainer, target=args.target, normalize=args.normalize,
-                        channels=args.channels, blur_sigma_frac=args.blur_sigma_frac,
-                        smoothgrad_samples=args.smoothgrad_samples, smoothgrad_sigma=args.smoothgrad_sigma,
-                        ig_steps=args.ig_steps, cam_layer=args.cam_layer, seed=args.seed)
+    try:
+        cfg, run = from_file_and_flags((ExplainConfig, TeacherRun), args, args.config)
+    except (ConfigError, ExplainError) as e:
+        return fail(prog, str(e))
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout stays clean)
-    return run_command("sat-train teacher-saliency", args.out, lambda: teacher_saliency(
-        args.input, args.teacher, args.out, cfg, batch_size=args.batch_size, device=args.device,
-        overwrite=args.overwrite, progress=not args.no_progress, log=log, workers=args.workers),
+    return run_command(prog, args.out, lambda: teacher_saliency(
+        args.input, args.teacher, args.out, cfg, batch_size=run.batch_size, device=run.device,
+        overwrite=run.overwrite, progress=args.progress, log=log, workers=run.workers),
         user_errors=(CheckpointError, ExplainError, ConfigError))

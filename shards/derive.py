@@ -341,7 +341,7 @@ def run_command(prog: str, out, job: Callable[[], object], user_errors: tuple = 
     try:
         job()
     except (DeriveError, *user_errors) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return getattr(e, "code", 2)
     except OSError as e:  # disk full, folder removed under us...
         print(f"{prog}: {e.filename or out}: {e.strerror or e}; finished shards are kept, rerun the same command "

@@ -260,7 +260,7 @@ def test_eval_from_a_url(served, tmp_path):
     run = tmp_path / "run"
     fit(from_dict(dict(shards=str(served["local"]), run=str(run), arch="tiny-cnn", epochs=1, batch_size=16,
                        loader_backend="torch", num_workers=0, progress=False, schedule="constant")))
-    cfg = EvalConfig.from_dict({"eps": [8.0], "pgd_steps": 2, "check_steps": [], "l2_eps": [], "cw": 0,
+    cfg = EvalConfig.from_dict({"eps": ["8/255"], "pgd_steps": 2, "check_steps": [], "l2_eps": [], "cw": 0,
                                 "fgsm": False, "distortions": False, "limit": 16,
                                 "loader_backend": "torch", "device": "cpu"})
     results, out = evaluate(run, served["s3"], cfg, progress=False)

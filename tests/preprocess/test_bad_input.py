@@ -179,7 +179,7 @@ def test_missing_inputs_and_bad_options(coco, tmp_path, capsys):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"size": 32, "sizee": 64}))
     rc = build_main(["coco", "--config", str(cfg)])
-    assert rc == 2 and "unknown config keys: sizee" in error_line(capsys.readouterr().err)
+    assert rc == 2 and "unknown config key(s) sizee" in error_line(capsys.readouterr().err)
 
 
 # ----------------------------------------------------------------------------- issue 16: hostile input

@@ -31,7 +31,9 @@ FIT_ACCEPTED = {
 EVAL_ACCEPTED = {
     **{(dest, v): True for dest in ("shards", "out") for v in FREE},
     **{(dest, "0"): True for dest in ("cw", "autoattack", "limit", "seed", "distortion_grey")},
-    **{(dest, "1.5"): True for dest in ("eps", "l2_eps", "autoattack_eps")},
+    **{(dest, "0"): True for dest in ("cw_confidence", "sanity_tol", "aa_gap", "contrast")},
+    **{(dest, "1.5"): True for dest in ("l2_eps", "cw_lr", "cw_initial_const", "cw_confidence", "low_pass",
+                                         "high_pass", "sanity_tol", "aa_gap")},
 }
 
 
@@ -126,5 +128,5 @@ def test_fit_entry_point_refuses_with_one_line_and_exit_2(argv, words, capsys, t
         rc = e.code
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and words in err[0] and err[0].startswith("sat-train fit: error:"), err
+    assert len(err) == 1 and words in err[0] and err[0].startswith("sat-train fit:"), err
     assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -32,7 +32,7 @@ def test_unknown_keys_and_bad_values_rejected(tmp_path, capsys):
         parse_args(["--method", "satt"])
     with pytest.raises(ConfigError, match="epochs = 'two'"):
         parse_args(["--epochs", "two"])
-    with pytest.raises(ConfigError, match="loader_decode 'nvjpeg' is not auto, gpu or cpu"):
+    with pytest.raises(ConfigError, match="loader_decode 'nvjpeg' is not one of auto, gpu, cpu"):
         parse_args(["--loader-decode", "nvjpeg"])
     assert parse_args(["--loader-decode", "cpu"]).loader_decode == "cpu"
     f2 = tmp_path / "wrongtype.toml"

@@ -11,7 +11,7 @@ from sat_train.evaluate import EvalConfig, EvalError, format_table, main
 from sat_train.loader import make_loader
 from sat_train.models import build_model, model_spec
 
-SMALL = ["--eps", "2,8", "--check-steps", "2,5", "--pgd-steps", "10", "--l2-eps", "0.5", "--cw", "24",
+SMALL = ["--eps", "2/255,8/255", "--check-steps", "2,5", "--pgd-steps", "10", "--l2-eps", "0.5", "--cw", "24",
          "--batch-size", "32", "--no-progress"]
 
 
@@ -53,7 +53,7 @@ def test_eval_writes_results_and_attacks_never_beat_clean(trained, capsys):
     run, test = trained
     # AutoAttack at a budget that breaks every sample in its first stage: its stages are covered (slowly) in
     # test_autoattack.py; here it only has to plug into the suite
-    assert main([str(run), "--shards", str(test), "--autoattack", "6", "--autoattack-eps", "64", *SMALL]) == 0
+    assert main([str(run), "--shards", str(test), "--autoattack", "6", "--autoattack-eps", "64/255", *SMALL]) == 0
     out = capsys.readouterr().out
     result = json.loads((run / "eval" / f"{test.name}.json").read_text())
     rows = result["rows"]
@@ -74,7 +74,7 @@ def test_eval_writes_results_and_attacks_never_beat_clean(trained, capsys):
     assert cw["n"] == 24 and aa["n"] == 6 and list(aa["params"]["stages"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert aa["params"]["max_linf"] <= 64 / 255 + 1e-6 and aa["accuracy"] <= clean["accuracy"]
     assert len([r for r in rows if r["attack"] == "contrast"]) == 6
-    assert result["config"]["eps"] == [2.0, 8.0] and isinstance(result["sanity"]["warnings"], list)
+    assert result["config"]["eps"] == [2 / 255, 8 / 255] and result["results_version"] == 2 and isinstance(result["sanity"]["warnings"], list)
     assert result["model"] == {"batchnorm_folded": True, "batchnorm_layers": 2, "reason": None}  # which model ran
     # the printed table has every row and the sanity verdict
     assert "autoattack" in out and "high-pass" in out and out.count("\npgd ") == len([r for r in rows if r["attack"] == "pgd"])
@@ -139,16 +139,18 @@ def test_bad_inputs_and_config(trained, tmp_path, capsys):
     assert main([str(run), "--shards", str(tmp_path)]) == 2
     assert "manifest" in capsys.readouterr().err
     cfg = tmp_path / "eval.toml"
-    cfg.write_text("eps = [1, 2]\npgd_stepz = 3\n")
+    cfg.write_text('eps = ["1/255", 0.0078]\npgd_stepz = 3\n')
     assert main([str(run), "--shards", str(test), "--config", str(cfg)]) == 2
-    assert "unknown eval config key(s) pgd_stepz" in capsys.readouterr().err
+    assert "unknown config key(s) pgd_stepz" in capsys.readouterr().err
     with pytest.raises(EvalError, match="pgd_restarts"):
         EvalConfig.from_dict({"pgd_restarts": 0})
-    with pytest.raises(EvalError, match="pgd_steps = 'ten' is not int"):
+    with pytest.raises(EvalError, match="pgd_steps = 'ten' is not a valid int"):
         EvalConfig.from_dict({"pgd_steps": "ten"})
-    with pytest.raises(EvalError, match="eps = 8 is not a list of numbers"):
+    with pytest.raises(EvalError, match="eps = 8 is not a valid list"):
         EvalConfig.from_dict({"eps": 8})
     assert EvalConfig.from_dict({"distortion_grey": 0.4423, "sanity_tol": 1}).sanity_tol == 1
+    with pytest.raises(EvalError, match="eps = 2 is over 1: .* write 2/255"):  # the old unit is refused, not misread
+        EvalConfig.from_dict({"eps": [2, 8]})
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "sat-train eval runs/sat --shards" in capsys.readouterr().out
@@ -241,3 +243,15 @@ def test_a_batchnorm_folding_failure_is_recorded_not_swallowed():
     assert same is model and record["batchnorm_folded"] is False and record["batchnorm_layers"] == 1
     assert record["reason"].startswith("torch.fx could not trace the model: TraceError")
     # (eval writes the record into its results: see test_eval_writes_results_and_attacks_never_beat_clean)
+
+
+def test_results_written_in_1_255_units_compare_equal_to_todays_config():
+    """`experiment` keeps evaluations written before eps moved to [0, 1] units (results_version 1): the same
+    budgets, written in either unit, must not look like a changed config."""
+    from sat_train.evaluate import comparable_config
+
+    old = {"eps": [2, 8, 25.5], "autoattack_eps": 25.5, "pgd_steps": 20}
+    new = EvalConfig.from_dict({"eps": ["2/255", "8/255", 0.1], "autoattack_eps": "25.5/255"}).to_dict()
+    a, b = comparable_config(old, 1), comparable_config(new)
+    assert a["eps"] == b["eps"] and a["autoattack_eps"] == b["autoattack_eps"] == 0.1
+    assert comparable_config(new)["eps"] != comparable_config({"eps": [2 / 255, 8 / 255, 0.2]})["eps"]

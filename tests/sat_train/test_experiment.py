@@ -19,7 +19,7 @@ lr = 0.01
 """
 EVAL = """
 [eval]
-eps = [2, 8]
+eps = ["2/255", "8/255"]
 pgd_steps = 3
 check_steps = [1]
 l2_eps = []
@@ -63,7 +63,7 @@ def test_grid_runs_fit_eval_compare_and_reruns_only_what_changed(tiny_shards, tm
     for name in ("standard-s0", "sat-masks-s0", "sat-boxes-s0"):
         assert f"| {name} |" in md
         result = json.loads((exp / "runs" / name / "eval" / f"{test.name}.json").read_text())
-        assert result["n"] == 24 and result["config"]["eps"] == [2, 8] and len(result["checkpoint"]["sha256"]) == 64
+        assert result["n"] == 24 and result["config"]["eps"] == [2 / 255, 8 / 255] and len(result["checkpoint"]["sha256"]) == 64
     assert "| sat-masks-s0 | sat | masks |" in md
     assert (exp / "report" / "accuracy_vs_eps.png").exists() and (exp / "report" / "train_loss.png").exists()
     assert all(s["fit"] == "trained" and s["eval"] == "evaluated" for s in status(tmp_path).values())
@@ -132,7 +132,7 @@ epochs = 3
 sat_final_p = 0.9
 pgd_alpha = "eps/2"
 [eval]
-eps = [2, 8, 25.5]
+eps = ["2/255", "8/255", "25.5/255"]
 autoattack = 10
 [[runs]]
 method = "sat"
@@ -168,8 +168,8 @@ def test_plan_blocks_eps_axis_names_and_derived_sources_last(tiny_shards, tmp_pa
     assert names.index("standard-s0") < names.index("sat-teacher-eps8_255-s0")
     by = {r.name: r for r in g.runs}
     r = by["sat-fg-eps0.1-s1"]
-    assert r.fit_values["eps"] == 0.1 and r.eval_values["autoattack_eps"] == 25.5 and r.train_shards == str(a)
-    assert by["sat-fg-eps8_255-s0"].eval_values["autoattack_eps"] == pytest.approx(8.0)
+    assert r.fit_values["eps"] == 0.1 and r.eval_values["autoattack_eps"] == 0.1 and r.train_shards == str(a)
+    assert by["sat-fg-eps8_255-s0"].eval_values["autoattack_eps"] == 8 / 255
     assert by["pgd-eps0.1-s0"].fit_values["pgd_steps"] == 2 and by["pgd-eps0.1-s0"].train_shards == str(a)
     assert by["pgd-eps0.1-s0"].fit_values["pgd_alpha"] == pytest.approx(0.05)  # "eps/2" of each run's eps
     assert by["sat-fg-eps8_255-s0"].fit_values["pgd_alpha"] == pytest.approx(4 / 255)
@@ -182,7 +182,8 @@ def test_plan_blocks_eps_axis_names_and_derived_sources_last(tiny_shards, tmp_pa
 
 
 @pytest.mark.parametrize("good, bad, message", [
-    ('eps = [2, 8, 25.5]', 'eps = [2, 8]', "must include the training eps 25.5"),
+    ('eps = ["2/255", "8/255", "25.5/255"]', 'eps = ["2/255", "8/255"]', "must include the training eps 0.1"),
+    ('eps = ["2/255", "8/255", "25.5/255"]', 'eps = [2, 8, 25.5]', "eps = 2 is over 1"),
     ('sources = ["fg", "shuffled"]', 'sources = ["fg", "nope"]', "unknown source(s) nope"),
     ('tag = "p0.25"', 'tag = ""', "planned twice"),
     ('teacher = "standard-s0"', 'teacher = "standard-s7"', "is not a run of this grid"),

@@ -112,12 +112,12 @@ def test_damage_is_named_by_verify_and_refused_by_fit_and_eval(damage, tiny_shar
     assert fit_main(["--shards", str(root), "--run", str(fit_run), "--arch", "tiny-cnn", "--epochs", "1",
                      "--batch-size", "8", "--loader-backend", "torch", "--num-workers", "0", "--no-progress"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("loader: backend")]
-    assert len(err) == 1 and where in err[0] and err[0].startswith("sat-train fit: error:"), err
+    assert len(err) == 1 and where in err[0] and err[0].startswith("sat-train fit:"), err
     assert not (fit_run / "metrics.jsonl").exists() and not checkpoint_path(fit_run).exists()  # nothing trained
 
     assert eval_main([str(run), "--shards", str(root), "--loader-backend", "torch", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and where in err[0] and err[0].startswith("sat-train eval: error:"), err
+    assert len(err) == 1 and where in err[0] and err[0].startswith("sat-train eval:"), err
     assert not (run / "eval").exists()  # nothing reported
 
 

@@ -109,7 +109,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     rc = main(_cli(shards, run, "--epochs", "2", "--lr", "0.05", "--schedule", "piecewise", "--milestones", "0.5",
                    "--gamma", "1e30"))
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1].startswith("sat-train fit: error: training diverged in epoch 2: "), err
+    assert rc == 2 and err[-1].startswith("sat-train fit: training diverged in epoch 2: "), err
     assert f"{run}/checkpoints/last.pt keeps epoch 1, the last good one" in err[-1]
     assert [ln for ln in err if ln.startswith("epoch ")] == [next(ln for ln in err if ln.startswith("epoch 1/2"))]
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)

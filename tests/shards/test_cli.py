@@ -177,3 +177,19 @@ def test_every_user_error_is_one_line_without_traceback(package, argv, start, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert rc not in (0, None) and len(err) == 1, (rc, err)
     assert err[0].startswith(start) and "error:" not in err[0] and "Traceback" not in err[0], err
+
+
+@pytest.mark.parametrize("command,parser", _parsers(), ids=[c for c, _ in _parsers()])
+def test_progress_is_the_same_pair_everywhere(command, parser):
+    flags = {s for a in parser._actions for s in a.option_strings}
+    assert ("--progress" in flags) == ("--no-progress" in flags), command
+    has_bar = command.startswith("build-shards") or command in ("verify", "shuffle-saliency", "teacher-saliency",
+                                                                 "fit", "eval", "experiment")
+    assert ("--progress" in flags) == has_bar, command
+
+
+def test_run_folder_and_out_spellings():
+    """fit writes its run folder: --run, also --out (what every command writes) and --run-dir (torchrun)."""
+    parse = train_config.parse_args
+    assert parse(["--run", "runs/a"]) == parse(["--out", "runs/a"]) == parse(["--run-dir", "runs/a"])
+    assert parse(["--out", "runs/a"]).run == "runs/a"

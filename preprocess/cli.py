@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from shards.cli import CONVENTIONS
+
 COMMANDS = {
     "build-shards": ("preprocess.build_cli", "dataset + annotations -> saliency maps -> WebDataset shards"),
     "verify": ("preprocess.verify", "check every shard against the manifest (sha256, counts, decodes, indexes)"),
@@ -24,8 +26,9 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: preprocess COMMAND [options]   (preprocess COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "\n".join(lines)
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines + ["", CONVENTIONS])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from shards.cli import CommandParser
 from shards.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
 from shards.provenance import satpipe_version, write_provenance
 from shards.storage import atomic_write_json, is_url
 from preprocess.plan import BuildError, read_json, shard_done, state_dir, ShardPlan
-from shards.cli import CommandParser
 
 MAX_EXAMPLES = 5  # skipped ids kept per reason in the manifest (all are counted)
 

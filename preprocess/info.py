@@ -10,9 +10,9 @@ import json
 import sys
 
 from shards import provenance
+from shards.cli import CommandParser
 from shards.format import ShardFormatError
 from shards.manifest import read_manifest
-from shards.cli import CommandParser
 
 
 def _size(n: float) -> str:

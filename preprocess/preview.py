@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.cli import CommandParser
 from shards.format import ShardFormatError, uint8_to_saliency
 from shards.manifest import check_shard_files, read_manifest
 from shards.reading import decode_sample, iter_tar_samples
 from shards.storage import atomic_write
 from preprocess.info import saliency_summary
-from shards.cli import CommandParser
 
 PANEL_INCHES = 1.4
 DPI = 100

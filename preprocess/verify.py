@@ -18,10 +18,10 @@ import sys
 
 from tqdm import tqdm
 
+from shards.cli import CommandParser, add_progress
 from shards.format import CLS_EXT, LABEL_EXT, META_EXT, SALIENCY_EXT, ShardFormatError
 from shards.manifest import Manifest, check_shard_files, read_manifest, unlisted_files
 from shards.reading import DECODERS, iter_members, missing_components, read_dali_index
-from shards.cli import CommandParser, add_progress
 
 MAX_PER_SHARD = 10  # problem lines per shard before summarising (a broken shard is broken)
 

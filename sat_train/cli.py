@@ -5,19 +5,14 @@
     sat-train compare runs/* --out report/
     sat-train experiment grid.toml
 
-Conventions shared by every command (sat-train and preprocess alike; shards/cli.py implements them):
-    inputs are positional (run folders, shard sets; fit's training set is --shards, as in eval);
-    what a command writes is --out: eval a results JSON file, compare a report folder, teacher-saliency
-    a shard set folder; fit writes its run folder, --run (also spelled --out and, for torchrun, --run-dir).
-    --config FILE.toml holds the command's flags as keys (shard_size for --shard-size; JSON is read too);
-    flags override it; unknown keys are an error. eps and every pixel budget is in [0, 1] units, written
-    8/255 or 0.0314. --progress/--no-progress on every command that draws a bar. A user error is one
-    line, `sat-train COMMAND: message`, exit 2.
+Conventions shared by every command: see shards.cli.CONVENTIONS (printed by `sat-train --help`).
 """
 from __future__ import annotations
 
 import importlib
 import sys
+
+from shards.cli import CONVENTIONS
 
 COMMANDS = {
     "fit": ("sat_train.fit", "train a model on shards (standard, sat, pgd, trades, fgsm-rs, sat+pgd, sat+trades)"),
@@ -32,7 +27,7 @@ def usage() -> str:
     lines = ["usage: sat-train COMMAND [options]   (sat-train COMMAND --help for its options)", "", "commands:"]
     width = max(map(len, COMMANDS))
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "\n".join(lines + ["", __doc__.split("\n\n", 2)[2].strip()])
+    return "\n".join(lines + ["", CONVENTIONS])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,21 @@ import typing
 from pathlib import Path
 
 
+# printed by `sat-train --help` and `preprocess --help`: what every command has in common
+CONVENTIONS = """\
+Conventions of every command (preprocess and sat-train alike):
+  inputs are positional (shard sets, run folders; fit and eval name their shard set with --shards);
+  what a command writes is --out: build-shards, shuffle-saliency and teacher-saliency a shard set folder,
+  preview a PNG file, eval a results JSON file, compare a report folder; fit writes its run folder,
+  --run (also spelled --out, and --run-dir under torchrun).
+  --config FILE.toml holds the command's flags as keys (shard_size for --shard-size; JSON is read too);
+  flags override the file; unknown keys are an error.
+  eps and every pixel budget are in [0, 1] units, written 8/255 or 0.0314.
+  --progress/--no-progress on every command that draws a progress bar.
+  A user error is one line, `COMMAND: message`, exit 2 (verify and info: 1 for a set
+  they cannot read or find damaged)."""
+
+
 class ConfigError(ValueError):
     """A config file or flag is wrong; the message (one line) names the source and the problem."""
 

@@ -2,9 +2,10 @@
 finalize, shuffle-saliency, teacher-saliency, fit, eval, compare, experiment).
 
 It lives in shards/ because shards/ is the one package both preprocess/ and sat_train/ may import (the
-data flows one way; the two halves share only the shard format and this layer). No dependency beyond
-the standard library: the layer is small, and a dataclass-to-CLI library would pin every command's
-parsing to its release cycle.
+data flows one way; the two halves share only the shard format and this layer). Standard library only:
+what the commands need (help and choices from field metadata, "8/255" numbers, TOML/JSON files with
+unknown keys refused, one error line) is a few hundred lines, less than adapting a dataclass-to-CLI
+library (tyro) to the same error style, torchrun's --run-dir spelling and the sources' own Options.
 
 - A command's settings are one dataclass deriving from `Config`; each field is declared with
   `option(default, help, choices=...)`, so help text and valid values live in the field's metadata.

@@ -40,7 +40,7 @@ num_workers = 0
 
 [eval]
 limit = 200
-eps = [2, 8]
+eps = ["2/255", "8/255"]
 pgd_steps = 5
 check_steps = []
 l2_eps = []
@@ -80,7 +80,7 @@ def test_build_train_eval_report_on_real_fashion_mnist(tmp_path, capsys):
     for name in names:
         ev = json.loads((exp / "runs" / name / "eval" / "test.json").read_text())
         assert ev["n"] == 200 and {r["attack"] for r in ev["rows"]} == {"clean", "fgsm", "pgd"}
-        assert ev["config"]["autoattack_eps"] == pytest.approx(8.0) or name == "standard-s0"
+        assert ev["config"]["autoattack_eps"] == 8 / 255 or name == "standard-s0"
         clean = json.loads((exp / "runs" / name / "eval" / "clean-all" / "test.json").read_text())
         assert clean["n"] == 600 and [r["attack"] for r in clean["rows"]] == ["clean"]
         assert clean["clean_accuracy"] > 0.2  # 30 Adam steps of a tiny CNN: well above chance (10%)

@@ -76,9 +76,7 @@ _FRACTION = re.compile(r"^\s*([^/\s]+)\s*/\s*([^/\s]+)\s*$")
 
 def number(value) -> float:
     """A float from a number or a string such as "0.0314", "8/255" (exactly 8 / 255) or "25.5/255"."""
-    if isinstance(value, bool):
-        raise TypeError("expected a number")
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, str):
         raise TypeError("expected a number")
@@ -139,10 +137,6 @@ def coerce(hint, value):
     return value
 
 
-def _type_name(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
 def coerce_field(cls, name: str, value, source: str | None = None):
     """`value` coerced to the type of field `name` of dataclass `cls`; its `config_error` (ConfigError for a
     plain dataclass) naming `source` and the key."""
@@ -152,7 +146,8 @@ def coerce_field(cls, name: str, value, source: str | None = None):
     except (TypeError, ValueError) as e:
         prefix = f"{source}: " if source else ""
         error = getattr(cls, "config_error", ConfigError)
-        raise error(f"{prefix}{name} = {value!r} is not a valid {_type_name(hint)} ({e})") from None
+        kind = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        raise error(f"{prefix}{name} = {value!r} is not a valid {kind} ({e})") from None
 
 
 def non_finite(obj) -> list[str]:
@@ -299,12 +294,10 @@ def field_help(f: dataclasses.Field, default) -> str:
         text += f" (one of: {', '.join(map(str, choices))})"
     shown = f.metadata.get("default_help")
     shown = _shown(default) if shown is None else shown
-    if "(default:" in text:  # a help that states its default in words
-        pass
-    elif not isinstance(default, bool):  # a bool's default shows as --x or --no-x below
-        text += f" (default: {shown})" if shown else ""  # default_help="": a required value, no default shown
-    else:
-        text += f" (default: --{'' if default else 'no-'}{f.name.replace('_', '-')})"
+    if isinstance(default, bool):  # shown as the flag that gives it
+        shown = f"--{'' if default else 'no-'}{f.name.replace('_', '-')}"
+    if shown and "(default:" not in text:  # not twice where the help states its default in words
+        text += f" (default: {shown})"
     return text.strip().replace("%", "%%")
 
 
@@ -335,11 +328,6 @@ def add_fields(group, cls, skip=(), only=None) -> list[str]:
                                metavar=f.metadata.get("metavar") or f.name.upper())
         added.append(f.name)
     return added
-
-
-def given(ns: argparse.Namespace, names) -> dict:
-    """The values among `names` that the user gave on the command line."""
-    return {k: v for k, v in vars(ns).items() if k in names}
 
 
 def add_progress(parser, default: bool = True) -> None:

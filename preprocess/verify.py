@@ -8,9 +8,9 @@ byte size and sha256 of every tar and index, the sample count of every tar, that
 a regular file with a plain name (no `..`, absolute names, links or devices), that each sample has
 all its components and every image and saliency map decodes to the manifest's shape, labels are in
 range, and each DALI index matches the members of its tar byte for byte.
-Prints one line per problem (naming the file) and exits 1 if there is any, 0 otherwise. Tar or index
-files in DIR that the manifest does not list get a warning line (readers ignore them; the set is
-still valid).
+Tar or index files in DIR that the manifest does not list are problems too (fit and eval refuse such
+a folder: it holds more than this build). Prints one line per problem (naming the file) and exits 1 if
+there is any, 0 otherwise.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from shards.cli import CommandParser, add_progress
 from shards.format import CLS_EXT, LABEL_EXT, META_EXT, SALIENCY_EXT, ShardFormatError
-from shards.manifest import Manifest, check_shard_files, read_manifest, unlisted_files
+from shards.manifest import Manifest, check_shard_files, read_manifest, unlisted_problems
 from shards.reading import DECODERS, iter_members, missing_components, read_dali_index
 
 MAX_PER_SHARD = 10  # problem lines per shard before summarising (a broken shard is broken)
@@ -69,12 +69,6 @@ def verify_shard(manifest: Manifest, entry: dict) -> list[str]:
     return problems
 
 
-def warnings(manifest: Manifest) -> list[str]:
-    """Findings that leave the set valid: files the manifest does not list."""
-    return [f"{p}: not listed in the manifest (readers ignore it; left from another build?)"
-            for p in unlisted_files(manifest)]
-
-
 def verify(root, progress: bool = True) -> list[str]:
     """Every problem of the shard set in `root` (a folder or a URL), one line each."""
     manifest = root if isinstance(root, Manifest) else read_manifest(root)
@@ -102,13 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     root = args.dir
     try:
         m = read_manifest(root)
-        problems = verify(m, progress=args.progress)
-        notes = warnings(m)
+        problems = unlisted_problems(m) + verify(m, progress=args.progress)
     except ShardFormatError as e:
         print(f"preprocess verify: {e}", file=sys.stderr)
         return 1
-    for w in notes:
-        print(f"warning: {w}", file=sys.stderr)
     for p in problems:
         print(p, file=sys.stderr)
     if problems:

@@ -151,6 +151,14 @@ def unlisted_files(manifest: Manifest) -> list[Path]:
                    if name.endswith((".tar", ".idx")) and name not in listed), key=str)
 
 
+def unlisted_problems(manifest: Manifest) -> list[str]:
+    """One problem per tar or index in the set's folder that the manifest does not list. Readers would
+    ignore such a file, but it means the folder holds more than this build (a copy made by hand, another
+    tool's output): verify, fit and eval refuse the set until it is moved out, rather than guess."""
+    return [f"{p}: a tar or index the manifest does not list (another build's, or copied in?); move it out of "
+            f"{manifest.root}" for p in unlisted_files(manifest)]
+
+
 def check_shard_files(manifest: Manifest, full: bool = False, threads: int = HASH_THREADS) -> list[str]:
     """Problems with the shard files, one message per problem (empty list = fine).
 

@@ -158,8 +158,6 @@ def make_loader(shard_dir, batch_size: int, *, train: bool, backend: str = "auto
     shard_set = open_shard_set(staged.folder if staged else shard_dir, "size" if staged else verify,
                                source=str(shard_dir))
     shard_set.hold = staged
-    for warning in shard_set.warnings if rank == 0 else ():
-        print(f"loader: warning: {warning}", file=sys.stderr)
     layout = Layout(shard_set.shard_sizes, int(batch_size), rank, world_size, shuffle=train, drop_last=drop_last)
     layout.check(str(shard_set.manifest.root))
 

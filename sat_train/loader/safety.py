@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from shards.format import LABEL_EXT, SALIENCY_EXT, ShardFormatError
-from shards.manifest import HASH_THREADS, VERIFY_MODES, Manifest, check_shard_files, read_manifest, unlisted_files
+from shards.manifest import (HASH_THREADS, VERIFY_MODES, Manifest, check_shard_files, read_manifest,
+                             unlisted_problems)
 from shards.reading import gather_label_components, index_key, parse_dali_index, read_dali_index, scan_tar
 from shards.storage import open_binary, remote_errors
 
@@ -33,7 +34,6 @@ IndexEntry = list[tuple[str, int, int, str]]  # one sample: (ext, offset, size, 
 class ShardSet:
     manifest: Manifest
     entries: list[list[IndexEntry]]  # per shard, per sample (in tar order)
-    warnings: list[str] = field(default_factory=list)  # harmless findings to show the user once
     source: str = ""  # what the user named: a folder or a URL (a staged remote set reads a local copy)
     hold: object = None  # a staged copy's lock (stage.Staged), kept as long as the set is read
 
@@ -74,7 +74,7 @@ def _open(shard_dir, verify: str, source: str) -> ShardSet:
         raise LoaderError(f"{where}: image channels must be 1 or 3, got {image.get('channels')!r}")
 
     remote = manifest.remote
-    problems = check_shard_files(manifest, full=(verify == "sha256" and not remote))
+    problems = unlisted_problems(manifest) + check_shard_files(manifest, full=(verify == "sha256" and not remote))
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         hint = "" if verify == "sha256" else "; --verify-shards sha256 checks every byte"
@@ -87,8 +87,7 @@ def _open(shard_dir, verify: str, source: str) -> ShardSet:
     else:
         entries = [_check_shard(manifest, info, read_dali_index(manifest.root / info["index"]), None)
                    for info in manifest.shards]
-    warnings = [f"{p}: not listed in {where}; ignored" for p in unlisted_files(manifest)]
-    return ShardSet(manifest, entries, warnings, source)
+    return ShardSet(manifest, entries, source)
 
 
 def _check_remote_shard(manifest: Manifest, info: dict, verify: str) -> list[IndexEntry]:

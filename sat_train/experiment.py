@@ -47,8 +47,9 @@ sat-foreground-eps8_255-s0.
 
 Derived sources: a [sources] table with `teacher` names a run of this grid; once that run is trained,
 the experiment makes the set with `sat-train teacher-saliency FROM --teacher RUN --explainer E ARGS --out
-SHARDS` (kept when it already holds the same derivation of the same checkpoint). Runs on derived sources
-are trained after every other run. Every other shard set must exist before the grid starts.
+SHARDS` (kept when it already holds the same derivation of the same checkpoint). A run on a derived
+source keeps its place in the grid, or moves to just after its teacher run when declared before it.
+Every other shard set must exist before the grid starts.
 
 Reuse (skip_done): a finished run is kept only when its saved config.json equals the planned config in
 every field but the runtime ones (FIT_RUNTIME: progress, workers, loader, device, paths, ...) and it

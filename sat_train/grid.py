@@ -231,9 +231,16 @@ def plan(path: Path) -> Grid:
     if dup:
         raise ExperimentError(f"{path}: run name(s) {', '.join(dup)} planned twice: give the blocks different tags")
     _check_derived(path, sources, runs)
-    # runs on derived sources go last, so the run each derivation needs is trained before it
-    derived = {n for n, s in sources.items() if s.derived}
-    runs = [r for r in runs if r.saliency not in derived] + [r for r in runs if r.saliency in derived]
+    # a run on a derived source keeps its place in the grid unless that is before the run its teacher
+    # needs: then it moves to just after the teacher run (a stable sort), so the derivation can happen
+    position = {r.name: i for i, r in enumerate(runs)}
+
+    def when(i_r):
+        i, r = i_r
+        source = sources.get(r.saliency)
+        return max(i, position[source.teacher] + 0.5) if source is not None and source.derived else i
+
+    runs = [r for _i, r in sorted(enumerate(runs), key=when)]
     return Grid(path, exp, sources, fit, ev, runs, eval_cfg)
 
 

@@ -9,10 +9,9 @@ Adding a sub-command = one line in COMMANDS: name -> (module with main(argv) -> 
 """
 from __future__ import annotations
 
-import importlib
 import sys
 
-from shards.cli import CONVENTIONS
+from shards.dispatch import dispatch
 
 COMMANDS = {
     "build-shards": ("preprocess.build_cli", "dataset + annotations -> saliency maps -> WebDataset shards"),
@@ -24,33 +23,16 @@ COMMANDS = {
 }
 
 
-def usage() -> str:
-    lines = ["usage: preprocess COMMAND [options]   (preprocess COMMAND --help for its options)", "", "commands:"]
-    width = max(map(len, COMMANDS))
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "\n".join(lines + ["", CONVENTIONS])
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0
-    name, rest = argv[0], argv[1:]
+def _start_forkserver(name: str, args: list[str]) -> None:
     if name == "build-shards":
         from preprocess.workers import start_forkserver, workers_requested
 
-        if workers_requested(rest) > 1:  # before the heavy imports below: see preprocess/workers.py
+        if workers_requested(args) > 1:  # before the heavy imports of the command: see preprocess/workers.py
             start_forkserver()
-    if name not in COMMANDS:
-        print(f"preprocess: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    try:
-        module = importlib.import_module(COMMANDS[name][0])
-    except ModuleNotFoundError as e:
-        print(f"preprocess: command {name!r} is not available in this install ({e})", file=sys.stderr)
-        return 2
-    return int(module.main(rest) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch("preprocess", COMMANDS, argv, before=_start_forkserver)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,7 @@ Conventions shared by every command: see shards.cli.CONVENTIONS (printed by `sat
 """
 from __future__ import annotations
 
-import importlib
-import sys
-
-from shards.cli import CONVENTIONS
+from shards.dispatch import dispatch
 
 COMMANDS = {
     "fit": ("sat_train.fit", "train a model on shards (standard, sat, pgd, trades, fgsm-rs, sat+pgd, sat+trades)"),
@@ -23,21 +20,5 @@ COMMANDS = {
 }
 
 
-def usage() -> str:
-    lines = ["usage: sat-train COMMAND [options]   (sat-train COMMAND --help for its options)", "", "commands:"]
-    width = max(map(len, COMMANDS))
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "\n".join(lines + ["", CONVENTIONS])
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"sat-train: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return dispatch("sat-train", COMMANDS, argv)

@@ -18,7 +18,7 @@ def batches(loader, epoch):
     return list(loader)
 
 
-def same(got, want):
+def assert_same(got, want):
     """Two epochs of (x, s, y, keys) batches are identical: keys, and tensors bit for bit."""
     assert len(got) == len(want)
     for a, b in zip(got, want):
@@ -34,7 +34,7 @@ def test_same_batches_as_dali_including_the_augmentation_draws(tiny_shards, padd
     for epoch in (0, 3):
         got = batches(dev, epoch)
         assert len(got) == 8 and all(x.dtype == torch.float32 and x.is_contiguous() for x, *_ in got)
-        same(got, batches(dali, epoch))
+        assert_same(got, batches(dali, epoch))
     # the CUDA path (one torch gather per batch) run on CPU tensors gives the CPU path's tensors
     order = dev._order(epoch_plan(dev.layout, dev.seed, 3))
     draws = dev._draws(3, len(order))
@@ -84,7 +84,7 @@ def test_abandoned_pass_and_a_fresh_loader_give_the_same_epoch(tiny_shards):
         if i == 2:
             break
     fresh = make_loader(root, 8, train=True, backend="device", device="cpu", with_keys=True, num_workers=0)
-    same(batches(a, 2), batches(fresh, 2))
+    assert_same(batches(a, 2), batches(fresh, 2))
 
 
 def _fit_args(shards, run, *extra):
@@ -117,7 +117,7 @@ def test_on_cuda_the_same_batches_as_on_cpu_and_auto_picks_it(tiny_shards, capsy
     for epoch in (0, 1):
         got = batches(auto, epoch)
         assert got[0][0].is_cuda and got[0][1].is_cuda and got[0][2].is_cuda
-        same(got, batches(ref, epoch))
+        assert_same(got, batches(ref, epoch))
     with pytest.raises(LoaderError, match="free on cuda"):
         make_loader(root, 8, backend="device", device="cuda", memory_fraction=1e-12, **kw)
     big = make_loader(root, 8, backend="auto", device="cuda", memory_fraction=1e-12, **kw)

@@ -13,7 +13,6 @@ manifest last (preprocess/remote_out.py).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import sys
 import threading
 import uuid
@@ -147,6 +146,10 @@ def build(cfg: BuildConfig, log=print) -> dict | None:
     """Run a build; returns the manifest (None for a non-final node of a multi-node build)."""
     local_pool = cfg.workers > 1 and cfg.executor == "local"
     starter = PoolStarter(cfg.workers) if local_pool else None  # see preprocess/workers.py
+    if cfg.executor == "ray":  # joined or started, its workers warming up while this process plans
+        from preprocess.ray_executor import RaySession
+
+        starter = RaySession(cfg)
     import cv2
 
     # --workers 1 builds in this process: one core too, like each worker (OpenCV would otherwise
@@ -171,9 +174,6 @@ def _build(cfg: BuildConfig, log, starter) -> dict | None:
         cfg = dataclasses.replace(cfg, size=defaults.get("size", 64))
     if cfg.unit not in source_cls.units:
         raise BuildError(f"source {cfg.source!r} supports --unit {'|'.join(source_cls.units)}, not {cfg.unit!r}")
-    if cfg.executor == "ray" and importlib.util.find_spec("ray") is None:  # say so before any planning
-        from preprocess.ray_executor import import_ray
-        import_ray()
     try:
         kind = source_cls.resolve_saliency(cfg.saliency)
     except ValueError as e:
@@ -209,10 +209,10 @@ def _build(cfg: BuildConfig, log, starter) -> dict | None:
                f"{len(sides)} already complete, {len(todo)} to build")
     job = Job(source, cfg, kind, out, header["plan"], token=uuid.uuid4().hex, remote=remote.url if remote else "")
     if cfg.executor == "ray" and todo:
-        _build_on_ray(cfg, job, todo, sides, lambda how: log(f"{planned}, {how}"))
+        _build_on_ray(cfg, starter, job, todo, sides, lambda how: log(f"{planned}, {how}"))
     else:
         log(f"{planned}, {min(cfg.workers, max(len(todo), 1))} workers")
-        pool = starter.get() if starter is not None else None
+        pool = starter.get() if starter is not None and cfg.executor == "local" else None
         tasks = [(job, s) for s in todo]
         _collect(cfg, todo, pool.imap_unordered(build_shard, tasks) if pool is not None else map(build_shard, tasks),
                  sides)
@@ -248,19 +248,15 @@ def _collect(cfg: BuildConfig, todo: list[ShardPlan], results, sides: dict) -> N
         bar.close()
 
 
-def _build_on_ray(cfg: BuildConfig, job: Job, todo: list[ShardPlan], sides: dict, log) -> None:
-    """--executor ray: the same shards, one Ray task each (preprocess/ray_executor.py)."""
+def _build_on_ray(cfg: BuildConfig, session, job: Job, todo: list[ShardPlan], sides: dict, log) -> None:
+    """--executor ray: the same shards, one Ray task each (preprocess/ray_executor.py); `session` is the
+    RaySession build() opened (and stops)."""
     from preprocess import ray_executor as rx
 
-    ray = rx.import_ray()
-    started = rx.connect(ray, cfg)
-    try:
-        where = cfg.ray_address or ("this process's Ray session" if not started else "a local Ray instance")
-        log(f"one Ray task per shard on {where} ({rx.cluster_cpus(ray)} CPUs), up to {cfg.retries} retries each")
-        _collect(cfg, todo, rx.run_shards(ray, job, todo, cfg.retries), sides)
-    finally:
-        if started:
-            ray.shutdown()
+    started = session.started
+    where = cfg.ray_address or ("this process's Ray session" if not started else "a local Ray instance")
+    log(f"one Ray task per shard on {where} ({session.cpus} CPUs), up to {cfg.retries} retries each")
+    _collect(cfg, todo, rx.run_shards(session.ray, job, todo, cfg.retries), sides)
 
 
 def run(cfg: BuildConfig) -> int:

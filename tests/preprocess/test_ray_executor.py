@@ -118,6 +118,18 @@ def test_ray_build_equals_local_build(cluster, dataset, tmp_path):
     assert "20 already complete, 0 to build" in logs[0]
 
 
+def test_session_warms_one_worker_per_cpu_and_leaves_a_joined_session_running(cluster):
+    """The warm-up tasks (submitted before the driver plans) import and warm what a shard needs in
+    Ray's worker processes; a session this build did not start is not stopped by it."""
+    from preprocess.ray_executor import RaySession
+
+    session = RaySession(BuildConfig(source="coco", executor="ray", progress=False))
+    assert (session.started, session.cpus, len(session.warming)) == (False, 2, 2)
+    assert ray.get(session.warming, timeout=120) == [True, True]  # False: the warm-up failed in the worker
+    session.stop()
+    assert ray.is_initialized()
+
+
 def test_killed_driver_then_rerun_gives_the_same_bytes(cluster, dataset, tmp_path):
     root, ref = dataset
     out = tmp_path / "killed"
@@ -175,3 +187,25 @@ def test_unreachable_ray_address_is_one_line(tmp_path, capsys):
 
     with pytest.raises(Exception, match=rf"--ray-address 127.0.0.1:{port}: nothing answers there"):
         connect(ray, cfg)
+
+
+def test_joining_a_token_cluster_without_the_token_mode_says_what_to_set(cluster, dataset, tmp_path):
+    """The module's instance uses Ray's token authentication (ray.init turns it on for the local clusters
+    it starts, Ray >= 2.59); a driver without RAY_AUTH_MODE=token cannot join. Ray gives up after ~20 s,
+    its client logging a warning per retry; the build says instead, in one line, what Ray said and what
+    to set."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        pytest.skip("this Ray does not turn on token authentication for local instances")
+    root, _ = dataset
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    cmd = [sys.executable, "-m", "preprocess", "build-shards", "coco", "--annotations", str(root / "ann.json"),
+           "--images", str(root / "images"), "--size", "32", "--out", str(tmp_path / "o"), "--no-progress",
+           "--executor", "ray", "--ray-address", cluster]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("preprocess build-shards:")]
+    assert len(ours) == 1 and "cannot start or join Ray" in ours[0], proc.stderr
+    assert "Ray said: " in ours[0] and "InvalidAuthToken" in ours[0] and "set RAY_AUTH_MODE=token here too" in ours[0]
+    assert "gcs_client" not in proc.stderr  # Ray's per-retry warnings are summarised in that line, not printed
+    assert not (tmp_path / "o" / "manifest.json").exists()

@@ -8,6 +8,9 @@ Rows (ROWS below; object-storage rows add a Case to it):
   ray-joined   `build-shards --executor ray --ray-address ADDR` on a running 2-CPU Ray instance vs
                `build-shards --workers 2`: the cluster case, where Ray is up before the build
                (target >= 0.9x)
+  ray-joined-5x  the same on a set 5 times larger (100k objects): Ray's fixed costs per build (import,
+               joining, the job's worker processes starting, disconnecting: ~1 s here) against a build
+               of ~25 s instead of ~5 s; the size at which one reaches for a cluster is larger still
   ray-local    `build-shards --executor ray --workers 2`, starting (and stopping) its own local Ray
                instance, vs `--workers 2`: what starting Ray costs on one machine
   s3-build     `build-shards --workers 2 --out s3://...` to a local S3 server (moto_server on 127.0.0.1,
@@ -24,6 +27,7 @@ table and writes it to bench/results/scale_out.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -64,6 +68,7 @@ class Case:
     run: Callable[[Context, str], int]
     needs_ray: bool = False
     needs_s3: bool = False
+    scale: int = 1  # this row builds a generated set `scale` times the --objects of the others
 
 
 def build_command(ctx: Context, out: Path, *extra: str) -> int:
@@ -143,6 +148,8 @@ def s3_loader(backend: str) -> Callable[[Context, str], int]:
 
 ROWS = [
     Case("ray-joined", "--workers 2", "Ray, 2 CPUs, joined (--ray-address)", 0.9, ray_joined, needs_ray=True),
+    Case("ray-joined-5x", "--workers 2", "Ray, 2 CPUs, joined (--ray-address)", 0.9, ray_joined, needs_ray=True,
+         scale=5),
     Case("ray-local", "--workers 2", "Ray, 2 CPUs, local instance started by the build", 0.0, ray_local,
          needs_ray=True),
     Case("s3-build", "--workers 2 to disk", "--workers 2 to s3:// (local moto server)", 0.0, s3_build, needs_s3=True),
@@ -206,16 +213,20 @@ def main(argv=None) -> int:
     s3_server = None
     if any(c.needs_s3 for c in cases):
         ctx.s3_bucket, s3_server = start_s3(ctx.work)
+    contexts = {1: ctx}  # per scale: the same settings on a larger generated set
+    for scale in sorted({c.scale for c in cases} - {1}):
+        big = data.with_name(f"{data.name}-x{scale}")
+        contexts[scale] = dataclasses.replace(ctx, ann_path=generate(big, objects * scale), images=big / "images")
     # one untimed run of each: Numba's cache and the OS page cache are warm for every timed run
     for c in cases:
         for variant in ("baseline", "candidate"):
-            c.run(ctx, variant)
+            c.run(contexts[c.scale], variant)
     times: dict = {}
     for rnd in range(rounds):
         for c in cases:
             for variant in ("baseline", "candidate"):
                 t = time.perf_counter()
-                n = c.run(ctx, variant)
+                n = c.run(contexts[c.scale], variant)
                 dt = time.perf_counter() - t
                 times.setdefault((c.name, variant), []).append((n, dt))
                 print(f"round {rnd + 1}/{rounds} {c.name} {variant}: {n} samples in {dt:.2f}s = {n / dt:.0f}/s",
@@ -227,7 +238,7 @@ def main(argv=None) -> int:
 
     how = "whole commands in fresh processes" + ("; s3-torch/s3-dali: make_loader + one epoch in this process"
                                                  if any(c.name in ("s3-torch", "s3-dali") for c in cases) else "")
-    lines = [f"{objects} objects, {args.size} px, median of {rounds} round(s), {how}", "",
+    lines = [f"{objects} objects (rows -Nx: N times as many), {args.size} px, median of {rounds} round(s), {how}", "",
              "| row | baseline | samples/s | candidate | samples/s | candidate / baseline | target |",
              "|---|---|---:|---|---:|---:|---:|"]
     for c in cases:

@@ -1,0 +1,102 @@
+"""Faithfulness of the Grad-CAM family by teacher training length and CAM layer (issue 11's deletion check).
+
+    python bench/cam_faithfulness.py                     # teachers of 120, 400 and 1200 Adam steps
+    python bench/cam_faithfulness.py --steps 120 --layers auto body.11
+
+The teacher is the one tests/sat_train/test_explain.py trains (cnn4, Adam 2e-3, batches of 32 from 1700
+real Fashion-MNIST train images; the next 96 images held out), trained for each --steps. For every CAM
+explainer and layer: the mean drop of the true class's probability when the 20% most salient pixels are
+set to 0 (the background), against 20% random pixels and against the same maps misplaced onto other
+images (sat_train.explain.deletion_check). Layers: `auto` (the last block: cnn4's final max-pool, 7x7
+at 28 px) and `body.11` (cnn4's last conv layer after its ReLU, 14x14). Not a speed benchmark: no
+baseline ratio; it records the figures the README's teacher section quotes. Writes
+bench/results/cam_faithfulness.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from preprocess.cli import main as preprocess_main
+from sat_train.explain import ExplainConfig, deletion_check, explain
+from sat_train.models import build_model
+from shards.derive import decode_images
+from shards.format import decode_label
+from shards.manifest import read_manifest
+from shards.reading import iter_tar_samples
+from shards.storage import atomic_write_bytes
+
+RESULTS = Path(__file__).parent / "results" / "cam_faithfulness.md"
+CAM_EXPLAINERS = ("gradcam", "gradcam++", "guided-gradcam++")
+
+
+def load_slice(work: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first 1796 Fashion-MNIST train images (the test's slice), built once into shards under `work`."""
+    out = work / "train"
+    if not (out / "manifest.json").exists():
+        assert preprocess_main(["build-shards", "fashion-mnist", "--limit", "1796", "--out", str(out),
+                                "--no-progress"]) == 0
+    m = read_manifest(out)
+    samples = [s for tar in m.tar_paths() for s in iter_tar_samples(tar)]
+    x = torch.from_numpy(decode_images(samples, m.image)).permute(0, 3, 1, 2).float() / 255
+    return x, torch.tensor([decode_label(s["label.i64"]) for s in samples])
+
+
+def train_teacher(x, y, steps: int):
+    """The test fixture's recipe, for `steps` Adam steps."""
+    torch.manual_seed(0)
+    model = build_model("cnn4", 10, 1, 28)
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    draw = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        i = torch.randint(0, 1700, (32,), generator=draw)
+        loss = F.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval().requires_grad_(False)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, nargs="+", default=[120, 400, 1200], help="teacher training lengths")
+    ap.add_argument("--layers", nargs="+", default=["auto", "body.11"], help="CAM layers (module names)")
+    ap.add_argument("--work", default=None, help="where the shard slice is built (default: a temp folder)")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        x, y = load_slice(Path(args.work or tmp))
+    held_x, held_y = x[1700:], y[1700:]
+    lines = ["| teacher steps | held-out acc | layer | explainer | 20% most salient | 20% random | salient masks misplaced "
+             "| salient > random |", "|---:|---:|---|---|---:|---:|---:|---|"]
+    for steps in args.steps:
+        model = train_teacher(x, y, steps)
+        acc = float((model(held_x).argmax(1) == held_y).float().mean())
+        for layer in args.layers:
+            for name in CAM_EXPLAINERS:
+                maps = explain(model, held_x, held_y, ExplainConfig(explainer=name, cam_layer=layer),
+                               keys=[str(i) for i in range(len(held_x))])
+                d = deletion_check(model, held_x, held_y, maps)
+                row = (f"| {steps} | {100 * acc:.1f}% | {layer} | {name} | {d['salient']:.3f} | {d['random']:.3f} "
+                       f"| {d['misaligned']:.3f} | {'yes' if d['salient'] > d['random'] else 'no'} |")
+                print(row, flush=True)
+                lines.append(row)
+    command = " ".join(["python bench/cam_faithfulness.py", *(sys.argv[1:] if argv is None else argv)])
+    text = (f"# bench/cam_faithfulness.py\n\n`{command}` on {time.strftime('%Y-%m-%d', time.gmtime())}, "
+            f"{platform.machine()} CPU, {os.cpu_count()} cores"
+            f" ({len(held_x)} held-out Fashion-MNIST images; true-class probability drop, 20% of the pixels set "
+            "to 0)\n\n" + "\n".join(lines) + "\n")
+    print(text)
+    atomic_write_bytes(RESULTS, text.encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

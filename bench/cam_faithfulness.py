@@ -1,10 +1,14 @@
-"""Faithfulness of the Grad-CAM family by teacher training length and CAM layer (issue 11's deletion check).
+"""Faithfulness of the Grad-CAM family by teacher and CAM layer (issue 11's deletion check).
 
-    python bench/cam_faithfulness.py                     # teachers of 120, 400 and 1200 Adam steps
-    python bench/cam_faithfulness.py --steps 120 --layers auto body.11
+    python bench/cam_faithfulness.py                     # Adam teachers of 120, 400, 1200 steps + the recipe's
+    python bench/cam_faithfulness.py --steps 120 --layers auto body.11 --recipe-epochs 0
 
-The teacher is the one tests/sat_train/test_explain.py trains (cnn4, Adam 2e-3, batches of 32 from 1700
-real Fashion-MNIST train images; the next 96 images held out), trained for each --steps. For every CAM
+Teachers, all cnn4 on the first 1700 real Fashion-MNIST train images, the next 96 held out:
+  - plain Adam (2e-3, batches of 32, no augmentation) for each of --steps: the teacher the faithfulness
+    test trained before 2026-12-02;
+  - the README's recipe, `sat-train fit --method standard` (SGD, weight decay, random crop and flip) for
+    --recipe-epochs epochs: the teacher the test trains now.
+For every CAM
 explainer and layer: the mean drop of the true class's probability when the 20% most salient pixels are
 set to 0 (the background), against 20% random pixels and against the same maps misplaced onto other
 images (sat_train.explain.deletion_check). Layers: `auto` (the last block: cnn4's final max-pool, 7x7
@@ -39,8 +43,8 @@ CAM_EXPLAINERS = ("gradcam", "gradcam++", "guided-gradcam++")
 
 
 def load_slice(work: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first 1796 Fashion-MNIST train images (the test's slice), built once into shards under `work`."""
-    out = work / "train"
+    """The first 1796 Fashion-MNIST train images, built once into shards under `work`."""
+    out = work / "train-1796"
     if not (out / "manifest.json").exists():
         assert preprocess_main(["build-shards", "fashion-mnist", "--limit", "1796", "--out", str(out),
                                 "--no-progress"]) == 0
@@ -65,29 +69,50 @@ def train_teacher(x, y, steps: int):
     return model.eval().requires_grad_(False)
 
 
+def train_recipe_teacher(work: Path, epochs: int):
+    """`sat-train fit --method standard` for `epochs` on the first 1700 train images (the test's teacher)."""
+    from sat_train.checkpoint import load_model
+    from sat_train.fit import main as fit_main
+
+    train = work / "train-1700"
+    if not (train / "manifest.json").exists():
+        assert preprocess_main(["build-shards", "fashion-mnist", "--limit", "1700", "--out", str(train),
+                                "--no-progress"]) == 0
+    run = work / f"teacher-{epochs}"
+    assert fit_main(["--shards", str(train), "--method", "standard", "--arch", "cnn4", "--epochs", str(epochs),
+                     "--seed", "0", "--run", str(run), "--overwrite", "--no-progress"]) == 0
+    return load_model(run)[0].eval().requires_grad_(False)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, nargs="+", default=[120, 400, 1200], help="teacher training lengths")
+    ap.add_argument("--steps", type=int, nargs="+", default=[120, 400, 1200], help="Adam teachers' training lengths")
+    ap.add_argument("--recipe-epochs", type=int, default=12, help="epochs of the recipe's teacher (0: none)")
     ap.add_argument("--layers", nargs="+", default=["auto", "body.11"], help="CAM layers (module names)")
-    ap.add_argument("--work", default=None, help="where the shard slice is built (default: a temp folder)")
+    ap.add_argument("--work", default=None, help="where the shard slices and the run go (default: a temp folder)")
     args = ap.parse_args(argv)
+    lines = ["| teacher | held-out acc | layer | explainer | 20% most salient | 20% random | salient masks misplaced "
+             "| salient > random |", "|---|---:|---|---|---:|---:|---:|---|"]
     with tempfile.TemporaryDirectory() as tmp:
-        x, y = load_slice(Path(args.work or tmp))
-    held_x, held_y = x[1700:], y[1700:]
-    lines = ["| teacher steps | held-out acc | layer | explainer | 20% most salient | 20% random | salient masks misplaced "
-             "| salient > random |", "|---:|---:|---|---|---:|---:|---:|---|"]
-    for steps in args.steps:
-        model = train_teacher(x, y, steps)
-        acc = float((model(held_x).argmax(1) == held_y).float().mean())
-        for layer in args.layers:
-            for name in CAM_EXPLAINERS:
-                maps = explain(model, held_x, held_y, ExplainConfig(explainer=name, cam_layer=layer),
-                               keys=[str(i) for i in range(len(held_x))])
-                d = deletion_check(model, held_x, held_y, maps)
-                row = (f"| {steps} | {100 * acc:.1f}% | {layer} | {name} | {d['salient']:.3f} | {d['random']:.3f} "
-                       f"| {d['misaligned']:.3f} | {'yes' if d['salient'] > d['random'] else 'no'} |")
-                print(row, flush=True)
-                lines.append(row)
+        work = Path(args.work or tmp)
+        x, y = load_slice(work)
+        held_x, held_y = x[1700:], y[1700:]
+        teachers = [(f"Adam, {steps} steps", lambda steps=steps: train_teacher(x, y, steps)) for steps in args.steps]
+        if args.recipe_epochs:
+            teachers.append((f"sat-train fit, {args.recipe_epochs} epochs",
+                             lambda: train_recipe_teacher(work, args.recipe_epochs)))
+        for label, make in teachers:
+            model = make()
+            acc = float((model(held_x).argmax(1) == held_y).float().mean())
+            for layer in args.layers:
+                for name in CAM_EXPLAINERS:
+                    maps = explain(model, held_x, held_y, ExplainConfig(explainer=name, cam_layer=layer),
+                                   keys=[str(i) for i in range(len(held_x))])
+                    d = deletion_check(model, held_x, held_y, maps)
+                    row = (f"| {label} | {100 * acc:.1f}% | {layer} | {name} | {d['salient']:.3f} | {d['random']:.3f} "
+                           f"| {d['misaligned']:.3f} | {'yes' if d['salient'] > d['random'] else 'no'} |")
+                    print(row, flush=True)
+                    lines.append(row)
     command = " ".join(["python bench/cam_faithfulness.py", *(sys.argv[1:] if argv is None else argv)])
     text = (f"# bench/cam_faithfulness.py\n\n`{command}` on {time.strftime('%Y-%m-%d', time.gmtime())}, "
             f"{platform.machine()} CPU, {os.cpu_count()} cores"

@@ -252,10 +252,14 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 @pytest.fixture(scope="module")
 def fashion_teacher(tmp_path_factory):
-    """cnn4 trained briefly (120 Adam steps of 32) on 1700 real Fashion-MNIST images; 96 held-out images."""
+    """A teacher made as the README's recipe makes one: `sat-train fit --method standard`, cnn4, 12 epochs
+    on 1700 real Fashion-MNIST train images (~17 s, ~83% on test images); held out: the first 256 images
+    of the real test split, which it never saw."""
     import os
 
     from preprocess.cli import main as preprocess_main
+    from sat_train.checkpoint import load_model
+    from sat_train.fit import main as fit_main
     from shards.derive import decode_images
     from shards.format import decode_label
     from shards.manifest import read_manifest
@@ -263,44 +267,30 @@ def fashion_teacher(tmp_path_factory):
 
     if not os.path.isdir(FASHION_MNIST):
         pytest.skip(f"{FASHION_MNIST} missing (Debian package dataset-fashion-mnist)")
-    out = tmp_path_factory.mktemp("fmnist") / "train"
-    assert preprocess_main(["build-shards", "fashion-mnist", "--limit", "1796", "--out", str(out), "--no-progress"]) == 0
-    m = read_manifest(out)
+    work = tmp_path_factory.mktemp("fmnist")
+    for split, limit in (("train", 1700), ("test", 256)):
+        assert preprocess_main(["build-shards", "fashion-mnist", "--split", split, "--limit", str(limit),
+                                "--out", str(work / split), "--no-progress"]) == 0
+    assert fit_main(["--shards", str(work / "train"), "--method", "standard", "--arch", "cnn4", "--epochs", "12",
+                     "--seed", "0", "--run", str(work / "teacher"), "--no-progress"]) == 0
+    model, _ = load_model(work / "teacher")
+    m = read_manifest(work / "test")
     samples = [s for tar in m.tar_paths() for s in iter_tar_samples(tar)]
     x = torch.from_numpy(decode_images(samples, m.image)).permute(0, 3, 1, 2).float() / 255
     y = torch.tensor([decode_label(s["label.i64"]) for s in samples])
-    torch.manual_seed(0)
-    model = build_model("cnn4", 10, 1, 28)
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
-    draw = torch.Generator().manual_seed(0)
-    for _ in range(120):
-        i = torch.randint(0, 1700, (32,), generator=draw)
-        loss = F.cross_entropy(model(x[i]), y[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval().requires_grad_(False)
-    return model, x[1700:], y[1700:]
-
-
-CAM_ONLY = ("gradcam", "gradcam++")
+    return model.eval().requires_grad_(False), x, y
 
 
 @pytest.mark.parametrize("explainer", EXPLAINERS)
 def test_faithfulness_on_real_fashion_mnist(fashion_teacher, explainer):
     """Setting the 20% most salient pixels to the background (0) lowers the teacher's true-class probability
-    more than 20% random pixels. Grad-CAM and Grad-CAM++ do not pass that on this briefly trained teacher
-    (seen: 0.24 / 0.22 vs 0.23 random): scattered random zeros hurt a CNN far more than the contiguous
-    blocks a 7x7 CAM selects (the same CAM masks moved to other images drop only ~0.14), and the coarse CAM
-    marks the silhouette, background included, where "set to background" changes nothing. For those two
-    the test checks the structure-matched control instead: the CAM mask beats the same mask misplaced."""
+    more than 20% random pixels. Seen here: every explainer by 0.10-0.20 (random 0.39). The teacher matters:
+    plain Adam teachers without augmentation made Grad-CAM and Grad-CAM++ lose to random pixels (see
+    bench/cam_faithfulness.py), so this one is trained as the README's recipe trains teachers."""
     model, x, y = fashion_teacher
     cfg = ExplainConfig(explainer=explainer, ig_steps=8, smoothgrad_samples=5)  # cheaper than the defaults
     maps = explain(model, x, y, cfg, keys=[str(i) for i in range(len(x))])
     drop = deletion_check(model, x, y, maps)
     print(f"{explainer}: true-class probability drop, 20% most salient {drop['salient']:.3f}, 20% random "
           f"{drop['random']:.3f}, salient masks misplaced {drop['misaligned']:.3f}")
-    if explainer in CAM_ONLY:
-        assert drop["salient"] > drop["misaligned"]
-    else:
-        assert drop["salient"] > drop["random"]
+    assert drop["salient"] > drop["random"]

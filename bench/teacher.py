@@ -13,7 +13,8 @@ Same teacher (a `sat-train fit --method standard` cnn4 run), same images, same e
   2. SAT epoch (cnn4 student, batch 128): on the stored teacher maps vs computing grad-sign maps online,
      per batch, one image at a time (the reference). Target: online / stored >= 3.
   3. Faithfulness on held-out test images: true-class probability drop when the 20% most salient pixels
-     are set to 0 (the background), vs 20% random pixels, vs the salient masks misplaced onto other images.
+     are set to 0 (the background), vs 20% random pixels, vs the salient masks misplaced onto other images;
+     every explainer by default (--faithfulness-explainers), also those not timed.
   4. On a CPU: one process with every core as torch threads vs one single-thread process per core, i.e.
      whether a `--workers` option would pay (the command has none: see the README's teacher section).
 Timings are the median of --rounds interleaved rounds. Writes bench/results/teacher.md.
@@ -29,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from shards.derive import decode_images
@@ -199,7 +199,10 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1024 images, 1 round, 2 explainers (smoke run)")
     ap.add_argument("--images", type=int, help="train images for the maps (default 10000; quick 1024)")
-    ap.add_argument("--explainers", nargs="+", choices=EXPLAINERS, help="default: all (quick: grad-sign gradcam++)")
+    ap.add_argument("--explainers", nargs="+", choices=EXPLAINERS, help="explainers timed (default: all; quick: "
+                    "grad-sign gradcam++)")
+    ap.add_argument("--faithfulness-explainers", nargs="+", choices=EXPLAINERS, default=list(EXPLAINERS),
+                    help="explainers in the faithfulness table (default: all; cheap next to timing them)")
     ap.add_argument("--batch-size", type=int, default=256, help="maps per forward/backward (default 256)")
     ap.add_argument("--single-images", type=int, help="images for the one-at-a-time loop (default 2048; quick 256)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds, median reported (default 3; quick 1)")
@@ -250,7 +253,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).float().mean())
     faith = {e: deletion_check(model, xt, yt, explain(model, xt, yt, ExplainConfig(explainer=e), kt))
-             for e in args.explainers}
+             for e in args.faithfulness_explainers}
 
     where = f"{platform.machine()} {device.type}, {args.threads} torch thread(s)"
     lines = [f"Teacher: cnn4, `sat-train fit --method standard` ({ckpt.get('epoch')} epochs on {args.images} Fashion-MNIST "

@@ -31,8 +31,14 @@ def free_port() -> int:
 
 
 def ray_running() -> bool:
-    """Any Ray node on this machine (`ray stop` below would stop it too)."""
-    return subprocess.run(["pgrep", "-x", "raylet"], capture_output=True).returncode == 0
+    """Any Ray node on this machine (`ray stop` below would stop it too): a process named raylet."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "raylet":
+                return True
+        except OSError:  # the process ended meanwhile
+            pass
+    return False
 
 
 @pytest.fixture(scope="module")

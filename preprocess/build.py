@@ -142,8 +142,27 @@ def _header(cfg: BuildConfig, source, kind: str, shards: list[ShardPlan], plan_s
     }
 
 
+def _resolve(cfg: BuildConfig):
+    """(cfg with --unit and --size resolved, source class, saliency kind), or a BuildError for a config the
+    source cannot build: checked before any worker pool or Ray instance is started."""
+    source_cls = get_source_class(cfg.source)
+    defaults = getattr(source_cls, "config_defaults", {})
+    if cfg.unit == "auto":  # resolved before anything is saved: the manifest names the real unit
+        cfg = dataclasses.replace(cfg, unit=defaults.get("unit", source_cls.units[0]))
+    if cfg.size == 0:
+        cfg = dataclasses.replace(cfg, size=defaults.get("size", 64))
+    if cfg.unit not in source_cls.units:
+        raise BuildError(f"source {cfg.source!r} supports --unit {'|'.join(source_cls.units)}, not {cfg.unit!r}")
+    try:
+        kind = source_cls.resolve_saliency(cfg.saliency)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    return cfg, source_cls, kind
+
+
 def build(cfg: BuildConfig, log=print) -> dict | None:
     """Run a build; returns the manifest (None for a non-final node of a multi-node build)."""
+    cfg, source_cls, kind = _resolve(cfg)
     local_pool = cfg.workers > 1 and cfg.executor == "local"
     starter = PoolStarter(cfg.workers) if local_pool else None  # see preprocess/workers.py
     if cfg.executor == "ray":  # joined or started, its workers warming up while this process plans
@@ -158,26 +177,14 @@ def build(cfg: BuildConfig, log=print) -> dict | None:
     if starter is None and cfg.executor == "local":
         cv2.setNumThreads(1)
     try:
-        return _build(cfg, log, starter)
+        return _build(cfg, source_cls, kind, log, starter)
     finally:
         cv2.setNumThreads(cv2_threads)
         if starter is not None:  # after an error: stop the workers now
             starter.stop()
 
 
-def _build(cfg: BuildConfig, log, starter) -> dict | None:
-    source_cls = get_source_class(cfg.source)
-    defaults = getattr(source_cls, "config_defaults", {})
-    if cfg.unit == "auto":  # resolved before anything is saved: the manifest names the real unit
-        cfg = dataclasses.replace(cfg, unit=defaults.get("unit", source_cls.units[0]))
-    if cfg.size == 0:
-        cfg = dataclasses.replace(cfg, size=defaults.get("size", 64))
-    if cfg.unit not in source_cls.units:
-        raise BuildError(f"source {cfg.source!r} supports --unit {'|'.join(source_cls.units)}, not {cfg.unit!r}")
-    try:
-        kind = source_cls.resolve_saliency(cfg.saliency)
-    except ValueError as e:
-        raise BuildError(str(e)) from None
+def _build(cfg: BuildConfig, source_cls, kind: str, log, starter) -> dict | None:
     remote = open_remote_output(cfg) if is_url(cfg.out) else None
     out = remote.staging if remote else Path(cfg.out or Path("shards") / cfg.source / cfg.split)
     shown = remote.url if remote else out  # what the log names

@@ -110,10 +110,10 @@ def connect(ray, cfg) -> bool:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             ray.init(num_cpus=cfg.workers, include_dashboard=False, **quiet)
     except JOIN_ERRORS as e:
+        ray_log = held.text if cfg.ray_address else ""  # what Ray's client logged while it could not join
         where = f"--ray-address {cfg.ray_address}" if cfg.ray_address else "a local Ray instance"
-        said = ray_said(held.text) if cfg.ray_address else ""
         raise BuildError(f"{where}: cannot start or join Ray ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                         f"{said}{auth_hint(cfg, held.text if cfg.ray_address else '')}", code=1) from None
+                         f"{ray_said(ray_log)}{auth_hint(cfg, ray_log)}", code=1) from None
     return True
 
 
